@@ -1,0 +1,271 @@
+"""The LLaMA/Vicuna decoder and the Medusa heads: the one model definition for training and inference.
+
+Shape legend: B batch, T new tokens in this call, S key/value slots attended (the KV cache length, or T without a
+cache), H hidden size, N query heads, Kv key/value heads, G = N / Kv query heads per KV head, D head_dim,
+V vocabulary, K Medusa heads.
+
+The forward takes explicit absolute positions and an explicit boolean mask, and reads/writes a preallocated KV
+cache at a given slot. That is what tree verification needs: the nodes of a draft tree sit at positions
+`n + depth` and each may see the cached prefix plus its own ancestors only.
+
+Layers are separate modules (`layers_0`, `layers_1`, ...) run by a Python loop, i.e. unrolled: batch-1 decoding is
+bound by streaming the weights, and a `lax.scan` over stacked weights measured 2.2x slower on an H200
+(shared/reference/JAX_GPU_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medusa_jax.config import HeadsConfig, LlamaConfig
+
+Array = jax.Array
+# Per layer (keys, values), each [B, S, Kv, D]; post-RoPE keys.
+KVCache = tuple[tuple[Array, Array], ...]
+_NEG_INF = -1e30  # a large finite negative: a fully masked row gives a uniform softmax instead of NaN
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as transformers does."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * normed.astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float, scaling: float | None) -> Array:
+    """Rotary embedding in the "rotate half" layout of Hugging Face LLaMA.
+
+    Args:
+      x: [B, T, heads, D]
+      positions: [B, T] absolute positions (int).
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    pos = positions.astype(jnp.float32)
+    if scaling:
+        pos = pos / scaling  # linear RoPE scaling stretches the position axis
+    freqs = pos[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    x32 = x.astype(jnp.float32)
+    half = jnp.concatenate([-x32[..., d // 2:], x32[..., : d // 2]], axis=-1)
+    return (x32 * jnp.cos(emb) + half * jnp.sin(emb)).astype(x.dtype)
+
+
+def write_cache(cache: Array, new: Array, index: Array) -> Array:
+    """Writes `new` [B, T, Kv, D] into `cache` [B, S, Kv, D] at slots [index, index + T).
+
+    `index` is a scalar (one slot for the whole batch: the batch-1 fast path, a single dynamic_update_slice) or [B].
+    """
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, index, 0, 0))
+    return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0)))(cache, new, index)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE over an optional preallocated KV cache."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None,
+                 cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+        cfg = self.config
+        b, t, _ = x.shape
+        n, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = nn.Dense(n * d, use_bias=False, name="q")(x).reshape(b, t, n, d)
+        k = nn.Dense(kv_heads * d, use_bias=False, name="k")(x).reshape(b, t, kv_heads, d)
+        v = nn.Dense(kv_heads * d, use_bias=False, name="v")(x).reshape(b, t, kv_heads, d)
+        q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+        k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
+        if kv is not None:
+            keys, values = write_cache(kv[0], k, cache_index), write_cache(kv[1], v, cache_index)  # [B, S, Kv, D]
+            kv = (keys, values)
+        else:
+            keys, values = k, v  # [B, T, Kv, D]
+        q = q.reshape(b, t, kv_heads, n // kv_heads, d)  # [B, T, Kv, G, D]
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(d)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)  # mask: [B, T, S]
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, n * d)
+        return nn.Dense(cfg.hidden_size, use_bias=False, name="o")(out.astype(x.dtype)), kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        inner = self.config.intermediate_size
+        gate = nn.Dense(inner, use_bias=False, name="gate")(x)
+        up = nn.Dense(inner, use_bias=False, name="up")(x)
+        return nn.Dense(self.config.hidden_size, use_bias=False, name="down")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, kv, cache_index):
+        eps = self.config.rms_norm_eps
+        h, kv = Attention(self.config, name="attn")(RMSNorm(eps, name="attn_norm")(x), positions, mask, kv,
+                                                   cache_index)
+        x = x + h
+        x = x + MLP(self.config, name="mlp")(RMSNorm(eps, name="mlp_norm")(x))
+        return x, kv
+
+
+class Llama(nn.Module):
+    """The base model. `__call__` returns post-norm hidden states; `logits` applies the output projection.
+
+    The two are separate so that callers compute logits only where they need them (the last prompt position
+    at prefill, the tree nodes at verification).
+    """
+
+    config: LlamaConfig
+    remat: bool = False  # recompute each layer's activations in the backward pass (long training sequences)
+
+    def setup(self):
+        cfg = self.config
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02))
+        layer = nn.remat(DecoderLayer, static_argnums=()) if self.remat else DecoderLayer
+        self.layers = [layer(cfg) for _ in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(cfg.rms_norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False)
+
+    def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+        """Runs the decoder.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] int absolute positions (RoPE).
+          mask: [B, T, S] bool, True where query t may attend slot s. S is the cache length, or T without a cache.
+          cache: per-layer (keys, values) [B, S, Kv, D], or None for a cache-free causal forward.
+          cache_index: scalar or [B] int, the slot where this call's T new entries are written.
+        Returns:
+          hidden [B, T, H] after the final norm, and the updated cache (None without one).
+        """
+        x = self.embed(tokens)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(kv)
+        return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+    def forward_with_logits(self, tokens: Array, positions: Array, mask: Array) -> Array:
+        """Cache-free forward to logits [B, T, V]; also used to create every parameter at init."""
+        hidden, _ = self(tokens, positions, mask)
+        return self.logits(hidden)
+
+    def logits(self, hidden: Array) -> Array:
+        """[..., H] -> [..., V] float32 logits."""
+        if self.config.tie_embeddings:
+            return self.embed.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+
+class MedusaHeads(nn.Module):
+    """K Medusa heads' residual stacks, all heads at once: hidden [..., H] -> head states [..., K, H].
+
+    Each layer of head k computes x + SiLU(W x + b), every layer with its own weights (the original shared one
+    module across layers by accident). W and b start at zero, so a fresh head is exactly the identity and, with the
+    shared projection, predicts what the base lm_head predicts. Weights are stacked over heads ([K, H, H]) so all
+    heads run as one batched matmul. The vocabulary projection is applied by `head_logits`.
+    """
+
+    config: HeadsConfig
+    hidden_size: int
+
+    @nn.compact
+    def __call__(self, hidden: Array) -> Array:
+        k, h = self.config.num_heads, self.hidden_size
+        x = jnp.broadcast_to(hidden[..., None, :], hidden.shape[:-1] + (k, h))  # [..., K, H]
+        for j in range(self.config.num_layers):
+            w = self.param(f"res_{j}_kernel", nn.initializers.zeros, (k, h, h))
+            b = self.param(f"res_{j}_bias", nn.initializers.zeros, (k, h))
+            x = x + jax.nn.silu(jnp.einsum("...kh,khg->...kg", x, w.astype(x.dtype)) + b.astype(x.dtype))
+        return x
+
+
+def causal_mask(batch: int, length: int) -> Array:
+    """[B, T, T] lower-triangular boolean mask."""
+    return jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, length, length))
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
+    """A zeroed KV cache of `length` slots: per layer (keys, values) [B, length, Kv, D]."""
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
+def init_base(config: LlamaConfig, rng: Array, dtype: Any = jnp.float32) -> dict:
+    """Random base parameters (for tests and the `tiny` model)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = Llama(config).init(rng, tokens, tokens, jnp.ones((1, 1, 1), bool),
+                                method=Llama.forward_with_logits)["params"]
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+def init_heads(heads_config: HeadsConfig, config: LlamaConfig, base: dict, rng: Array | None = None) -> dict:
+    """Fresh Medusa head parameters; an `own` projection starts as a copy of the base lm_head (as Medusa-1)."""
+    dtype = jax.tree.leaves(base)[0].dtype
+    params = MedusaHeads(heads_config, config.hidden_size).init(
+        rng if rng is not None else jax.random.PRNGKey(0), jnp.zeros((1, config.hidden_size)))["params"]
+    params = jax.tree.map(lambda p: p.astype(dtype), dict(params))
+    if heads_config.projection == "own":
+        params["proj"] = jnp.broadcast_to(lm_head_kernel(config, base), (heads_config.num_heads,
+                                                                         config.hidden_size, config.vocab_size))
+    return params
+
+
+def lm_head_kernel(config: LlamaConfig, base: dict) -> Array:
+    """The base output projection as an [H, V] matrix."""
+    return base["embed"]["embedding"].T if config.tie_embeddings else base["lm_head"]["kernel"]
+
+
+def forward(config: LlamaConfig, base: dict, tokens: Array, positions: Array, mask: Array,
+            cache: KVCache | None = None, cache_index: Array | None = None, remat: bool = False):
+    """Pure-function form of `Llama.__call__`: returns (hidden [B, T, H], cache)."""
+    return Llama(config, remat=remat).apply({"params": base}, tokens, positions, mask, cache, cache_index)
+
+
+def logits(config: LlamaConfig, base: dict, hidden: Array) -> Array:
+    """Base logits [..., V] (float32) from post-norm hidden states [..., H]."""
+    return Llama(config).apply({"params": base}, hidden, method=Llama.logits)
+
+
+def head_states(heads_config: HeadsConfig, config: LlamaConfig, heads: dict, hidden: Array) -> Array:
+    """Medusa heads' residual stacks: hidden [..., H] -> [..., K, H]."""
+    params = {k: v for k, v in heads.items() if k != "proj"}
+    return MedusaHeads(heads_config, config.hidden_size).apply({"params": params}, hidden)
+
+
+def head_logits(heads_config: HeadsConfig, config: LlamaConfig, base: dict, heads: dict, hidden: Array) -> Array:
+    """Medusa head logits [..., K, V] (float32) from post-norm hidden states [..., H].
+
+    `shared`: one matmul of all K head states against the base lm_head, so its weights are read once.
+    `own`: each head its own [H, V] projection, batched over heads.
+    """
+    states = head_states(heads_config, config, heads, hidden)  # [..., K, H]
+    if heads_config.projection == "shared":
+        return logits(config, base, states)
+    return jnp.einsum("...kh,khv->...kv", states, heads["proj"].astype(states.dtype),
+                      preferred_element_type=jnp.float32)
