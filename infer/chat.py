@@ -1,0 +1,104 @@
+"""Terminal chat with a Medusa model: `python -m infer.chat [--model PATH] [--heads PATH] ...`.
+
+Interactive: type a message, the answer streams as it is accepted, then a line of stats (tokens/s and mean
+tokens per decoding step). `/reset` starts a new conversation, `/exit` (or Ctrl-D) quits.
+Scripted: `--prompt TEXT` answers once, prints the stats line to stderr, and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from infer.api import generate
+from medusa_jax.errors import MedusaError, cli_errors
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m infer.chat", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model directory or file (default: the embedded SmolLM2-135M)")
+    p.add_argument("--heads", default=None, help="Medusa heads to use instead of the model's shipped ones")
+    p.add_argument("--mode", default=None, choices=["greedy", "typical", "sample", "ar"],
+                   help="decoding mode (default: greedy at temperature 0, sample above; ar without heads)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    p.add_argument("--tree", default=None,
+                   help="draft tree: a name (mc_sim_7b_63), chain:N, dense:7,6, or JSON paths [[0],[0,0]]")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--prompt", default=None, help="answer this one message and exit (no interaction)")
+    return p.parse_args(argv)
+
+
+def _tree(spec: str | None):
+    if spec is None or not spec.strip().startswith("["):
+        return spec
+    try:
+        return json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise MedusaError(f"--tree {spec!r} is not valid JSON ({e.msg}); write paths like [[0],[0,0],[1]]") from None
+
+
+def _stats_line(stats: dict) -> str:
+    return (f"[{stats['new_tokens']} tokens in {stats['wall_s']:.2f} s: {stats['tokens_per_s']:.1f} tokens/s, "
+            f"{stats['mean_accepted']:.2f} tokens/step over {stats['steps']} steps]")
+
+
+def _answer(params, messages, args, seed: int) -> tuple[str, dict]:
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    text, stats = generate(params, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, mode=args.mode, tree=_tree(args.tree), seed=seed, stream=show,
+                           return_stats=True)
+    sys.stdout.write("\n")
+    return text, stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    with cli_errors():
+        from medusa_jax import load  # after argument parsing, so --help is fast
+
+        params = load(args.model, heads=args.heads)
+        if args.prompt is not None:
+            _, stats = _answer(params, args.prompt, args, args.seed)
+            print(_stats_line(stats), file=sys.stderr)
+            return
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(f"medusa-jax chat: {params.source or 'model'}; /reset clears the conversation, /exit quits.")
+        messages: list[dict] = []
+        turn = 0
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                print()
+                return
+            if line in ("/exit", "/quit"):
+                return
+            if line == "/reset":
+                messages = []
+                print("(new conversation)")
+                continue
+            if not line:
+                continue
+            messages.append({"role": "user", "content": line})
+            try:
+                text, stats = _answer(params, messages, args, args.seed + turn)
+            except MedusaError as e:  # e.g. the conversation outgrew the context: report it and keep chatting
+                messages.pop()
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            messages.append({"role": "assistant", "content": text})
+            turn += 1
+            print(_stats_line(stats))
+
+
+if __name__ == "__main__":
+    main()

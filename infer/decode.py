@@ -1,0 +1,224 @@
+"""One jitted function runs a whole generation: a prefill, then tree-verification steps in `lax.while_loop`.
+
+Shape legend: B batch, Tb bucketed prompt length, S cache slots, N tree nodes, D tree depth, P tree paths,
+V vocabulary, H hidden size, Kd heads used by the tree, k top-k per head, C output capacity.
+
+Conventions. After the prefill the cache holds the prompt (length n = prompt length) and the first generated token
+(the "root") is already emitted but not cached. Each step feeds the tree [root, drafts...] at positions n + depth,
+writes its N key/value entries at slots [n, n + N), verifies the drafts against the base logits at the nodes,
+emits the `a` accepted drafts plus the bonus token predicted at the last accepted node (which becomes the next
+root), and compacts the cache: the entries of the accepted path's nodes are gathered and written to slots
+[n, n + D], of which the first a + 1 are now valid (n += a + 1; the rest are stale and masked by the length).
+The next drafts come from the Medusa heads applied to the hidden state at the last accepted node of the same pass:
+no extra forward. Plain decoding is the same loop over the root-only tree (N = 1, no heads).
+
+Nothing leaves the device per step except, when streaming, each step's emitted tokens (an ordered
+`jax.debug.callback`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infer import acceptance, sampling
+from infer.state import DecodeOutput, DecodeSpec, DecodeState
+from medusa_jax import model
+
+Array = jax.Array
+
+_traces = 0  # times `generate` was traced, i.e. compiled; tests use it to check the compile cache
+_stream_target: list[Callable | None] = [None]
+
+
+def trace_count() -> int:
+    """How many times the generation function has been traced (one per compiled shape/spec)."""
+    return _traces
+
+
+@contextlib.contextmanager
+def stream_to(fn: Callable[[np.ndarray, np.ndarray], None]) -> Iterator[None]:
+    """While active, a generation compiled with `stream=True` calls fn(chunk int32 [B, D+1], count int32 [B])
+    once after the prefill and once per step; row b's new tokens are chunk[b, :count[b]]."""
+    previous, _stream_target[0] = _stream_target[0], fn
+    try:
+        yield
+    finally:
+        jax.effects_barrier()  # deliver every pending callback before the target goes away
+        _stream_target[0] = previous
+
+
+def _push(chunk, count) -> None:
+    fn = _stream_target[0]
+    if fn is not None:
+        fn(np.asarray(chunk), np.asarray(count))
+
+
+def _cache_index(start: Array) -> Array:
+    """A scalar write index for batch 1 (one dynamic_update_slice per layer), else per-sequence [B]."""
+    return start[0] if start.shape[0] == 1 else start
+
+
+def tree_mask(spec: DecodeSpec, start: Array) -> Array:
+    """bool [B, N, S]: node i sees slots < start (the cached prefix) and the tree slots of its ancestors and
+    itself (slot start + j for attn_mask[i, j]). Requires start + N <= S."""
+    n, s = spec.tree.num_nodes, spec.cache_len
+    prefix = jnp.arange(s)[None, :] < start[:, None]  # [B, S]
+    full = jnp.broadcast_to(prefix[:, None, :], (start.shape[0], n, s))
+    block = jnp.asarray(spec.tree.attn_mask)  # [N, N]
+    return jax.vmap(lambda m, i: jax.lax.dynamic_update_slice(m, block, (0, i)))(full, start)
+
+
+def _compact(cache: model.KVCache, start: Array, nodes: Array) -> model.KVCache:
+    """Moves the accepted path's entries (slots start + nodes, [B, D+1]) to slots [start, start + D]."""
+    src = (start[:, None] + nodes)[:, :, None, None]  # [B, D+1, 1, 1]
+    index = _cache_index(start)
+    out = []
+    for keys, values in cache:
+        # Gather first, then write: sources (start + node) are never below their destinations (start + depth).
+        k_path = jnp.take_along_axis(keys, src, axis=1)  # [B, D+1, Kv, Dh]
+        v_path = jnp.take_along_axis(values, src, axis=1)
+        out.append((model.write_cache(keys, k_path, index), model.write_cache(values, v_path, index)))
+    return tuple(out)
+
+
+def _drafts(spec: DecodeSpec, base, heads, hidden: Array) -> Array:
+    """Each used head's top-k tokens from hidden [B, H] -> int32 [B, Kd, k]; head logits nowhere else."""
+    kd, topk = spec.num_heads_used, spec.tree.topk
+    if kd == 0:
+        return jnp.zeros((hidden.shape[0], 0, topk), jnp.int32)
+    used = dataclasses.replace(spec.heads_config, num_heads=kd)
+    sliced = jax.tree.map(lambda p: p[:kd], heads)  # every head leaf is stacked over heads on axis 0
+    head_logits = model.head_logits(used, spec.config, base, sliced, hidden)  # [B, Kd, V]
+    return jax.lax.top_k(head_logits, topk)[1].astype(jnp.int32)
+
+
+def _record(spec: DecodeSpec, st: DecodeState, chunk: Array, count: Array, max_new: Array):
+    """Appends chunk[b, :count[b]] of each running sequence, cut after a stop token and at max_new.
+
+    Returns (tokens, num_new, emitted [B], finished [B]).
+    """
+    active = ~st.done
+    j = jnp.arange(chunk.shape[1])[None, :]
+    if spec.stop_ids:
+        is_stop = jnp.any(chunk[:, :, None] == jnp.asarray(spec.stop_ids)[None, None, :], axis=-1)
+        is_stop = is_stop & (j < count[:, None])
+    else:
+        is_stop = jnp.zeros(chunk.shape, bool)
+    has_stop = jnp.any(is_stop, axis=-1)
+    count = jnp.where(has_stop, jnp.argmax(is_stop, axis=-1) + 1, count)
+    count = jnp.minimum(count, max_new - st.num_new)
+    emitted = jnp.where(active, count, 0)
+    # Finished sequences write into the slack after the capacity, so the update needs no mask.
+    at = jnp.where(active, st.num_new, spec.capacity)
+    tokens = jax.vmap(lambda buf, c, i: jax.lax.dynamic_update_slice(buf, c, (i,)))(st.tokens, chunk, at)
+    num_new = st.num_new + emitted
+    finished = active & (has_stop | (num_new >= max_new))
+    if spec.stream:
+        jax.debug.callback(_push, chunk, emitted, ordered=True)
+    return tokens, num_new, finished
+
+
+def _root(spec: DecodeSpec, key: Array, logits: Array, temperature: Array, top_p: Array) -> Array:
+    """The first generated token from the last prompt position's logits [B, V]."""
+    if spec.rule == "greedy":
+        return sampling.greedy_token(logits)
+    return sampling.sample_from(key, sampling.target_probs(logits, temperature, top_p, spec.use_top_p))
+
+
+def prefill(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cache: model.KVCache,
+            max_new: Array, temperature: Array, top_p: Array, rng: Array) -> DecodeState:
+    """Runs the right-padded prompt [B, Tb] (real lengths prompt_len [B]) through the model, writing slots
+    [0, Tb); emits the first token. Logits only at each sequence's last real position."""
+    b, tb = prompt.shape
+    s, n, d = spec.cache_len, spec.tree.num_nodes, spec.tree.max_depth
+    rows = jnp.arange(b)
+    positions = jnp.broadcast_to(jnp.arange(tb, dtype=jnp.int32), (b, tb))
+    mask = jnp.broadcast_to(jnp.arange(s)[None, None, :] <= jnp.arange(tb)[None, :, None], (b, tb, s))
+    hidden, cache = model.forward(spec.config, base, prompt, positions, mask, cache, jnp.int32(0))
+    last = hidden[rows, prompt_len - 1]  # [B, H]
+    rng, key = jax.random.split(rng)
+    root = _root(spec, key, model.logits(spec.config, base, last), temperature, top_p)
+    st = DecodeState(
+        cache=cache, length=prompt_len.astype(jnp.int32), root=root, drafts=_drafts(spec, base, heads, last),
+        tokens=jnp.full((b, spec.capacity + d + 1), -1, jnp.int32), num_new=jnp.zeros((b,), jnp.int32),
+        done=jnp.zeros((b,), bool), step=jnp.int32(0), steps=jnp.zeros((b,), jnp.int32),
+        accepted=jnp.full((b, spec.capacity), -1, jnp.int32), rng=rng)
+    chunk = jnp.pad(root[:, None], ((0, 0), (0, d)))  # [B, D+1]; only column 0 is emitted
+    tokens, num_new, finished = _record(spec, st, chunk, jnp.ones((b,), jnp.int32), max_new)
+    done = finished | (st.length + n > s)
+    return st.replace(tokens=tokens, num_new=num_new, done=done)
+
+
+def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, temperature: Array,
+         top_p: Array) -> DecodeState:
+    """One tree verification: forward N nodes, accept, compact the cache, emit a + 1 tokens."""
+    tree, s = spec.tree, spec.cache_len
+    b, n = st.root.shape[0], tree.num_nodes
+    rows = jnp.arange(b)
+    rng, key = jax.random.split(st.rng)
+    # Finished sequences still run (static shapes); clamp their slot so nothing is written past the cache.
+    start = jnp.minimum(st.length, s - n)  # [B]
+    candidates = jnp.concatenate([st.root[:, None], st.drafts.reshape(b, -1)], axis=1)  # [B, 1 + Kd*k]
+    tokens = candidates[:, tree.candidate_index]  # [B, N]
+    positions = start[:, None] + jnp.asarray(tree.depth)[None, :]
+    hidden, cache = model.forward(spec.config, base, tokens, positions, tree_mask(spec, start), st.cache,
+                                  _cache_index(start))
+    logits = model.logits(spec.config, base, hidden)  # [B, N, V]: base logits at the tree nodes only
+    if spec.rule == "greedy":
+        acc = acceptance.greedy(tree, tokens, logits)
+    elif spec.rule == "typical":
+        acc = acceptance.typical(tree, key, tokens, logits, temperature, top_p, spec.use_top_p, spec.epsilon,
+                                 spec.delta)
+    else:
+        acc = acceptance.speculative_sample(tree, key, tokens, logits, temperature, top_p, spec.use_top_p)
+    if tree.max_depth > 0:
+        cache = _compact(cache, start, acc.nodes)
+    last = acc.nodes[rows, acc.length]
+    drafts = _drafts(spec, base, heads, hidden[rows, last])
+
+    # chunk[j] = the accepted draft at depth j + 1 for j < a, then the bonus token at j = a.
+    j = jnp.arange(tree.max_depth + 1)[None, :]
+    path_tokens = jnp.take_along_axis(tokens, acc.nodes, axis=1)  # [B, D+1]
+    chunk = jnp.where(j == acc.length[:, None], acc.next_token[:, None], jnp.roll(path_tokens, -1, axis=1))
+    count = acc.length + 1
+    out, num_new, finished = _record(spec, st, chunk, count, max_new)
+
+    active = ~st.done
+    length = jnp.where(active, st.length + count, st.length)
+    done = st.done | finished | (active & (length + n > s))  # no room for the next tree: stop before writing
+    keep = lambda new, old: jnp.where(active.reshape((b,) + (1,) * (new.ndim - 1)), new, old)
+    return st.replace(
+        cache=cache, length=length, root=keep(acc.next_token, st.root), drafts=keep(drafts, st.drafts),
+        tokens=out, num_new=num_new, done=done, step=st.step + 1, steps=st.steps + active.astype(jnp.int32),
+        accepted=st.accepted.at[:, st.step].set(jnp.where(active, acc.length, -1)), rng=rng)
+
+
+def generate(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cache: model.KVCache,
+             max_new: Array, temperature: Array, top_p: Array, rng: Array) -> DecodeOutput:
+    """A whole generation on device.
+
+    Args:
+      spec: static description (tree, rule, capacity C, cache length S, stop ids).
+      base, heads: parameters (heads may be None when the tree has no draft nodes).
+      prompt: int32 [B, Tb] right-padded prompts; prompt_len: int32 [B] real lengths (1 <= len <= Tb).
+      cache: a KV cache of S slots (donated; contents are ignored).
+      max_new: int32 [] tokens to generate at most (<= C); temperature, top_p: float32 [].
+      rng: PRNG key.
+    """
+    global _traces
+    _traces += 1
+    st = prefill(spec, base, heads, prompt, prompt_len, cache, max_new, temperature, top_p, rng)
+    st = jax.lax.while_loop(lambda st: (st.step < spec.capacity) & ~jnp.all(st.done),
+                            lambda st: step(spec, base, heads, st, max_new, temperature, top_p), st)
+    valid = jnp.arange(spec.capacity)[None, :] < st.num_new[:, None]
+    return DecodeOutput(tokens=jnp.where(valid, st.tokens[:, :spec.capacity], -1), num_new=st.num_new,
+                        step=st.step, steps=st.steps, accepted=st.accepted, length=st.length, cache=st.cache)
+
+
+generate_jit = jax.jit(generate, static_argnums=0, donate_argnums=5)

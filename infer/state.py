@@ -1,0 +1,111 @@
+"""The decoding loop's carry and its static description.
+
+Shape legend: B batch, S cache slots, C output capacity (max new tokens, bucketed), D tree depth, Kd heads the
+tree uses, k top-k per head, N tree nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import struct
+
+from medusa_jax.config import HeadsConfig, LlamaConfig
+from medusa_jax.model import KVCache
+from medusa_jax.tree import TreeBuffers
+
+Array = jax.Array
+
+MODES = ("greedy", "typical", "sample", "ar")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Everything static about one compiled generation (hashable: a `jax.jit` static argument).
+
+    Attributes:
+      config: the base model.
+      heads_config: the bundle's heads, or None when the tree has no draft nodes.
+      tree: the draft tree (the root-only tree for plain decoding).
+      rule: acceptance rule actually run: "greedy" (also every mode at T = 0), "typical" or "sample"
+        ("ar" at T > 0 is "sample" over the root-only tree).
+      use_top_p: apply the nucleus filter (top_p < 1).
+      capacity: C, the output buffer length (max new tokens rounded up to a bucket).
+      cache_len: S, KV cache slots.
+      stop_ids: token ids that end a sequence (emitted, then the sequence stops).
+      stream: push each step's tokens to the host (`decode.stream_to`).
+      epsilon, delta: typical acceptance parameters.
+    """
+
+    config: LlamaConfig
+    heads_config: HeadsConfig | None
+    tree: TreeBuffers
+    rule: str
+    use_top_p: bool
+    capacity: int
+    cache_len: int
+    stop_ids: tuple[int, ...]
+    stream: bool = False
+    epsilon: float = 0.09
+    delta: float = 0.3
+
+    @property
+    def num_heads_used(self) -> int:
+        """Kd: heads needed to fill the tree (head d-1 drafts depth d)."""
+        return self.tree.max_depth
+
+
+@struct.dataclass
+class DecodeState:
+    """Loop carry of one batched generation.
+
+    Attributes:
+      cache: per-layer (keys, values) [B, S, Kv, Dh].
+      length: int32 [B]; tokens in the cache. The root, already emitted, sits at position `length`.
+      root: int32 [B]; the next tree's root token.
+      drafts: int32 [B, Kd, k]; each head's top-k tokens from the hidden state at the last accepted node.
+      tokens: int32 [B, C + D + 1]; emitted tokens; each step writes a whole D+1 chunk at `num_new`, so the buffer
+        has D+1 slots of slack (also the write target of finished sequences).
+      num_new: int32 [B]; tokens emitted so far.
+      done: bool [B]; the sequence stopped (stop token, max_new_tokens, or no room for another tree).
+      step: int32 []; decoding steps run (the prefill is not a step).
+      steps: int32 [B]; steps in which each sequence was still running.
+      accepted: int32 [B, C]; draft tokens accepted at each step (-1 once the sequence is done).
+      rng: PRNG key.
+    """
+
+    cache: KVCache
+    length: Array
+    root: Array
+    drafts: Array
+    tokens: Array
+    num_new: Array
+    done: Array
+    step: Array
+    steps: Array
+    accepted: Array
+    rng: Array
+
+
+@struct.dataclass
+class DecodeOutput:
+    """What one jitted generation returns (device arrays).
+
+    Attributes:
+      tokens: int32 [B, C]; generated tokens, -1 after `num_new`. A stop token, when hit, is included.
+      num_new: int32 [B].
+      step: int32 []; decoding steps run.
+      steps: int32 [B]; steps each sequence took part in.
+      accepted: int32 [B, C]; draft tokens accepted per step (-1 where the sequence was done).
+      length: int32 [B]; final cache length (prompt + generated tokens, minus the last one, not yet cached).
+      cache: the KV cache (for reuse by the next call; its contents are stale).
+    """
+
+    tokens: Array
+    num_new: Array
+    step: Array
+    steps: Array
+    accepted: Array
+    length: Array
+    cache: KVCache

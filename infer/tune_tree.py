@@ -1,0 +1,195 @@
+"""`python -m infer.tune_tree`: build the draft tree that maximises tokens per second on this machine.
+
+Method (measure, predict, choose, measure again):
+  1. Per-head, per-rank accuracy of the heads against greedy continuations of held-out prompts
+     (`heads_eval.head_accuracy`).
+  2. Greedy growth of the tree, one node at a time, by expected accepted length under the original's independence
+     assumption (`tree.grow_tree_sequence`): tree n is the best n-node tree.
+  3. The measured cost of one decoding step as a function of the number of tree nodes on this machine.
+  4. Predicted tokens/s of tree n = (1 + expected accepted length) / step time(n); n = 0 is plain decoding, so the
+     chosen tree is never predicted slower than it. The best tree is then decoded for real next to plain decoding
+     and both speeds are reported.
+The tree is saved as `tree.json` beside the heads; `medusa_jax.load` attaches it and `generate` uses it by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from infer.api import generate_ids
+from infer.heads_eval import head_accuracy, topk_table
+from medusa_jax import chat
+from medusa_jax.bundle import Bundle
+from medusa_jax.errors import MedusaError, cli_errors
+from medusa_jax.tree import expected_accept_length, grow_tree_sequence
+
+# Held-out tuning prompts, written for this purpose (never used for training; MT-Bench is kept for evaluation).
+TUNING_PROMPTS = (
+    "Explain how a hash table works and when it is a bad choice.",
+    "Write a short poem about the first snow of winter.",
+    "What are three practical ways to save money on groceries?",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Why is the sky blue? Explain it to a ten-year-old.",
+    "Give me a packing list for a weekend hiking trip.",
+    "Summarise the causes of the French Revolution in a paragraph.",
+    "How do I politely decline a meeting invitation from my manager?",
+    "What is the difference between a virus and a bacterium?",
+    "Suggest a name and a slogan for a small bakery.",
+    "Solve for x: 3x + 7 = 22. Show your steps.",
+    "Describe a typical day of a lighthouse keeper in the 1900s.",
+)
+
+DEFAULT_SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def machine_description() -> str:
+    """Platform, device and core count, for the records in BENCHMARKS.md."""
+    dev = jax.devices()[0]
+    return f"{platform.machine()} {dev.platform}:{getattr(dev, 'device_kind', '')} ({os.cpu_count()} cores), jax {jax.__version__}"
+
+
+def step_time(params: Bundle, paths: Sequence[tuple[int, ...]], prompt: list[int], repeats: int = 2) -> float:
+    """Seconds per decoding step with tree `paths` (empty = plain decoding), prefill excluded.
+
+    Two generations of different lengths share one compiled executable (same buckets); the difference of their
+    wall times over the difference of their step counts is the per-step cost.
+    """
+    kw = dict(mode="greedy" if paths else "ar", tree=list(paths) if paths else None, stop_ids=())
+    generate_ids(params, [prompt], max_new_tokens=70, **kw)  # compile + warm up
+    best = float("inf")
+    for _ in range(repeats):
+        short = generate_ids(params, [prompt], max_new_tokens=70, **kw)
+        long = generate_ids(params, [prompt], max_new_tokens=128, **kw)
+        if long.steps > short.steps:
+            best = min(best, (long.wall_s - short.wall_s) / (long.steps - short.steps))
+    return best
+
+
+def choose_tree(accuracy: np.ndarray, step_s: dict[int, float], max_nodes: int) -> tuple[int, list, list[dict]]:
+    """Picks the tree size with the best predicted tokens/s.
+
+    Step times between measured sizes are interpolated linearly. Returns (size, paths, table rows).
+    """
+    trees = [[]] + grow_tree_sequence(accuracy, max_nodes)
+    sizes = sorted(step_s)
+    rows = []
+    for n, paths in enumerate(trees):
+        if n > sizes[-1]:
+            break
+        t = float(np.interp(n, sizes, [step_s[s] for s in sizes]))
+        tokens = 1.0 + (expected_accept_length(paths, accuracy) if paths else 0.0)
+        rows.append({"nodes": n, "step_ms": 1e3 * t, "expected_tokens_per_step": tokens,
+                     "predicted_tokens_per_s": tokens / t, "measured": n in step_s})
+    best = max(rows, key=lambda r: r["predicted_tokens_per_s"])
+    return best["nodes"], [list(p) for p in trees[best["nodes"]]], rows
+
+
+def measure_speed(params: Bundle, prompts: list[list[int]], paths: list, max_new_tokens: int) -> dict:
+    """Greedy decoding of `prompts` with tree `paths` (empty = plain decoding): tokens/s and tokens per step."""
+    kw = dict(mode="greedy" if paths else "ar", tree=paths or None)
+    generate_ids(params, [prompts[0]], max_new_tokens=max_new_tokens, **kw)  # compile
+    tokens = steps = 0
+    wall = 0.0
+    for p in prompts:
+        g = generate_ids(params, [p], max_new_tokens=max_new_tokens, **kw)
+        tokens, steps, wall = tokens + g.new_tokens, steps + g.steps, wall + g.wall_s
+    return {"tokens_per_s": tokens / wall, "tokens_per_step": tokens / max(steps, 1), "tokens": tokens}
+
+
+def tune(params: Bundle, prompts: list[list[int]], *, sizes=DEFAULT_SIZES, max_new_tokens: int = 128,
+         ranks: int = 10) -> dict:
+    """Runs the whole method; returns the record saved as tree.json."""
+    num_heads = params.heads_config.num_heads
+    t0 = time.time()
+    accuracy, count = head_accuracy(params, prompts, max_new_tokens=max_new_tokens, ranks=ranks)
+    trees = grow_tree_sequence(accuracy, max(sizes))
+    step_s = {}
+    for n in tqdm(sizes, desc="step time vs tree nodes", unit="tree"):
+        step_s[n] = step_time(params, trees[n - 1] if n else [], prompts[0])
+    size, paths, rows = choose_tree(accuracy, step_s, max(sizes))
+    ar = measure_speed(params, prompts, [], max_new_tokens)
+    best = measure_speed(params, prompts, paths, max_new_tokens)
+    return {
+        "tree": paths, "num_nodes": size + 1, "num_heads": num_heads,
+        "accuracy": topk_table(accuracy), "accuracy_positions": count,
+        "curve": rows, "measured_ar": ar, "measured_tree": best,
+        "speedup": best["tokens_per_s"] / ar["tokens_per_s"],
+        "machine": machine_description(), "date": datetime.date.today().isoformat(),
+        "tuning_s": round(time.time() - t0, 1),
+    }
+
+
+def _prompt_ids(params: Bundle, path: str | None, limit: int) -> list[list[int]]:
+    if params.tokenizer is None:
+        raise MedusaError("tuning needs a model with a tokenizer (not the random tiny model)")
+    texts: list = list(TUNING_PROMPTS)
+    if path:
+        if not Path(path).is_file():
+            raise MedusaError(f"prompt file {path} does not exist; give a text file with one prompt per line")
+        texts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise MedusaError(f"prompt file {path} has no prompts")
+    return [chat.render_prompt(params.tokenizer, t) for t in texts[:limit]]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m infer.tune_tree", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
+    ap.add_argument("--heads", default=None, help="Medusa heads (default: the shipped heads)")
+    ap.add_argument("--prompts", default=None, help="held-out prompts, one per line (default: built-in)")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+                    help="tree sizes (draft nodes) whose step time is measured; others are interpolated")
+    ap.add_argument("--out", default=None, help="where to write tree.json (default: beside the heads)")
+    args = ap.parse_args(argv)
+    with cli_errors():
+        from medusa_jax.loading import DEFAULT_HEADS_DIR, load
+
+        params = load(args.model, heads=args.heads)
+        if params.heads is None:
+            raise MedusaError("the model has no Medusa heads to tune a tree for; pass --heads PATH")
+        try:
+            sizes = sorted({int(s) for s in args.sizes.split(",")} | {0})
+        except ValueError:
+            raise MedusaError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+        prompts = _prompt_ids(params, args.prompts, args.num_prompts)
+        record = tune(params.with_heads(params.heads, params.heads_config, None), prompts, sizes=sizes,
+                      max_new_tokens=args.max_new_tokens)
+        if args.out:
+            out = Path(args.out)
+        elif args.heads:
+            out = (Path(args.heads) if Path(args.heads).is_dir() else Path(args.heads).parent) / "tree.json"
+        elif args.model is None:
+            out = DEFAULT_HEADS_DIR / "tree.json"
+        else:
+            raise MedusaError("say where to save the tree: pass --out PATH (or --heads DIR to save beside them)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out)
+        print(f"\n| nodes | step ms | expected tokens/step | predicted tokens/s |\n|---|---|---|---|")
+        for r in record["curve"]:
+            if r["measured"]:
+                print(f"| {r['nodes'] + 1} | {r['step_ms']:.1f} | {r['expected_tokens_per_step']:.2f} | "
+                      f"{r['predicted_tokens_per_s']:.1f} |")
+        a, b = record["measured_ar"], record["measured_tree"]
+        print(f"\nchosen tree: {record['num_nodes']} nodes {record['tree']}\n"
+              f"measured greedy: plain {a['tokens_per_s']:.1f} tok/s, Medusa {b['tokens_per_s']:.1f} tok/s "
+              f"({b['tokens_per_step']:.2f} tokens/step), speedup {record['speedup']:.2f}x on {record['machine']}\n"
+              f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

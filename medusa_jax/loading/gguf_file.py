@@ -1,0 +1,165 @@
+"""GGUF (llama.cpp) LLaMA files: metadata -> `LlamaConfig`, tensors dequantized to float32 numpy.
+
+Layout facts this reader relies on (checked per tensor below, and end to end by tests/test_loading.py):
+  * GGUFReader's `tensor.shape` is ggml's `ne` (fastest axis first, e.g. [576, 49152] for the embedding), while
+    `tensor.data` is row-major with the axes reversed; `gguf.quants.dequantize` returns that reversed shape, which
+    is exactly the Hugging Face [out, in] layout.
+  * llama.cpp's converter permutes the rows of the Q and K projections per head (from HF's "rotate half" RoPE
+    layout to interleaved pairs); `_unpermute` undoes it so that `model.rope` (rotate half) applies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medusa_jax.config import LlamaConfig
+from medusa_jax.errors import MedusaError
+from medusa_jax.loading import names
+
+# Types read exactly by `gguf.quants.dequantize`, tested by writing files with each (tests/test_loading.py).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
+
+
+def _reader(path: Path):
+    import gguf
+
+    if not path.is_file():
+        raise MedusaError(f"{path}: file not found; pass an existing .gguf file or Hugging Face model directory")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError/KeyError/IndexError on bad bytes
+        raise MedusaError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is truncated or "
+                          "corrupt, re-download it") from None
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    if isinstance(value, (float, np.floating)):
+        # GGUF stores floats as float32: take the shortest decimal that rounds to it (9.99999974e-06 -> 1e-05).
+        return float(str(np.float32(value)))
+    return value
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes convert_hf_to_gguf's `w.reshape(n, 2, d/2, *rest).swapaxes(1, 2).reshape(w.shape)` on rows."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_config(reader, path: Path, tensor_names: set[str]) -> LlamaConfig:
+    """Maps `llama.*` and `tokenizer.ggml.*` metadata to a `LlamaConfig`."""
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise MedusaError(f"{path}: architecture {arch!r} is not supported; medusa-jax loads LLaMA-architecture "
+                          "GGUF files (general.architecture = llama)")
+    if "rope_freqs.weight" in tensor_names:
+        raise MedusaError(f"{path}: per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 style) are not "
+                          "supported; use a model with default or linear RoPE")
+
+    def required(key):
+        value = _field(reader, f"llama.{key}")
+        if value is None:
+            raise MedusaError(f"{path}: metadata llama.{key} is missing; the file is not a complete llama GGUF")
+        return int(value)
+
+    hidden, heads = required("embedding_length"), required("attention.head_count")
+    head_dim = int(_field(reader, "llama.attention.key_length", hidden // heads))
+    rot = int(_field(reader, "llama.rope.dimension_count", head_dim))
+    if rot != head_dim:
+        raise MedusaError(f"{path}: partial rotary embedding (rope.dimension_count={rot}, head_dim={head_dim}) is "
+                          "not supported")
+    scaling_type = _field(reader, "llama.rope.scaling.type", "none")
+    if scaling_type == "none":
+        scaling = _field(reader, "llama.rope.scale_linear")  # the pre-2024 key for linear scaling
+    elif scaling_type == "linear":
+        scaling = _field(reader, "llama.rope.scaling.factor")
+    else:
+        raise MedusaError(f"{path}: rope scaling type {scaling_type!r} is not supported; medusa-jax supports "
+                          "default and linear RoPE only")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _field(reader, "llama.vocab_size", len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        raise MedusaError(f"{path}: neither llama.vocab_size nor tokenizer.ggml.tokens is present; cannot size "
+                          "the vocabulary")
+    eos = [int(_field(reader, "tokenizer.ggml.eos_token_id", 2))]
+    eot = _field(reader, "tokenizer.ggml.eot_token_id")  # chat models' end-of-turn id, when distinct from eos
+    if eot is not None and int(eot) not in eos:
+        eos.append(int(eot))
+    return LlamaConfig(
+        name=path.stem, vocab_size=int(vocab), hidden_size=hidden, intermediate_size=required("feed_forward_length"),
+        num_layers=required("block_count"), num_heads=heads,
+        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)), head_dim=head_dim,
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        rope_scaling=float(scaling) if scaling and scaling != 1.0 else None,
+        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensor_names,
+        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)), eos_token_ids=tuple(eos),
+        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)))
+
+
+def _dequantize(tensor, path: Path) -> np.ndarray:
+    """One tensor -> float32 array in HF layout ([out, in]; ggml `ne` reversed)."""
+    from gguf.quants import dequantize
+
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise MedusaError(f"{path}: tensor {tensor.name!r} has type {kind}, which is not supported; supported: "
+                          f"{', '.join(SUPPORTED_TYPES)} (re-quantize the model with one of them)")
+    if tensor.data.nbytes != int(tensor.n_bytes):
+        raise MedusaError(f"{path}: tensor {tensor.name!r} is cut off ({tensor.data.nbytes} of {int(tensor.n_bytes)} "
+                          "bytes); the file is truncated, re-download it")
+    array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    expected = tuple(int(n) for n in reversed(tensor.shape))
+    if array.shape != expected:  # the layout assumption in the module docstring no longer holds
+        from importlib.metadata import version
+
+        raise MedusaError(f"{path}: tensor {tensor.name!r} dequantized to shape {list(array.shape)}, not "
+                          f"{list(expected)}; gguf {version('gguf')} lays tensors out differently, install gguf 0.19")
+    return array
+
+
+def read(path: Path, convert: Callable[[np.ndarray], Any] = lambda array: array) -> tuple[LlamaConfig, dict, bool]:
+    """(config, base params, whether the file carries a tokenizer) of a llama GGUF file.
+
+    Tensors are dequantized to float32 one at a time and passed through `convert` (default: kept as numpy).
+    """
+    reader = _reader(path)
+    by_hf_name, gguf_names = {}, {}
+    for tensor in reader.tensors:
+        hf_name = names.gguf_to_hf_name(tensor.name)
+        if hf_name is None:
+            hf_name = tensor.name  # reported as unexpected by hf_to_params (after the architecture check)
+        by_hf_name[hf_name] = tensor
+        gguf_names[hf_name] = tensor.name
+    config = read_config(reader, path, {t.name for t in reader.tensors})
+
+    def load(hf_name):
+        tensor = by_hf_name[hf_name]
+        array = _dequantize(tensor, path)
+        if hf_name.endswith("q_proj.weight") and array.shape[0] == config.num_heads * config.head_dim:
+            array = _unpermute(array, config.num_heads)
+        elif hf_name.endswith("k_proj.weight") and array.shape[0] == config.num_kv_heads * config.head_dim:
+            array = _unpermute(array, config.num_kv_heads)
+        return array
+
+    lazy = {n: (lambda n=n: load(n)) for n in by_hf_name}
+    params = names.hf_to_params(config, lazy, str(path),
+                                display=lambda n: gguf_names.get(n) or names.hf_to_gguf_name(n), convert=convert)
+    return config, params, "tokenizer.ggml.tokens" in reader.fields
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer transformers builds from the GGUF metadata."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        raise MedusaError(f"{path}: cannot build the tokenizer from the GGUF metadata ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -1,0 +1,147 @@
+"""Tensor names of the checkpoint formats and how they map onto `model.Llama` params.
+
+Three namings meet here:
+  * Hugging Face `LlamaForCausalLM` state-dict keys (`model.layers.3.self_attn.q_proj.weight`, [out, in] layout);
+  * GGUF / llama.cpp tensor names (`blk.3.attn_q.weight`), converted to the HF name first;
+  * our Flax params paths (`layers_3/attn/q/kernel`, [in, out] layout, i.e. the HF weight transposed).
+
+Every reader produces a {HF name: numpy array in HF layout} dict and calls `hf_to_params`, which checks names and
+shapes against the config, so all formats share one set of checks and error messages.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from medusa_jax.config import LlamaConfig
+from medusa_jax.errors import MedusaError
+
+# Per-layer tensors: HF suffix (after `model.layers.{i}.`) -> (params path inside `layers_{i}`, transposed).
+_LAYER = {
+    "self_attn.q_proj.weight": (("attn", "q", "kernel"), True),
+    "self_attn.k_proj.weight": (("attn", "k", "kernel"), True),
+    "self_attn.v_proj.weight": (("attn", "v", "kernel"), True),
+    "self_attn.o_proj.weight": (("attn", "o", "kernel"), True),
+    "mlp.gate_proj.weight": (("mlp", "gate", "kernel"), True),
+    "mlp.up_proj.weight": (("mlp", "up", "kernel"), True),
+    "mlp.down_proj.weight": (("mlp", "down", "kernel"), True),
+    "input_layernorm.weight": (("attn_norm", "scale"), False),
+    "post_attention_layernorm.weight": (("mlp_norm", "scale"), False),
+}
+_GLOBAL = {
+    "model.embed_tokens.weight": (("embed", "embedding"), False),
+    "model.norm.weight": (("final_norm", "scale"), False),
+    "lm_head.weight": (("lm_head", "kernel"), True),
+}
+# Buffers some old checkpoints saved next to the weights; recomputed by the model, so skipped.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+# llama.cpp name -> HF name (per-layer names take the layer index).
+_GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+_GGUF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a HF LLaMA checkpoint of `config` holds, with its [out, in] shape."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    layer = {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+             "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+             "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
+             "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for n in range(config.num_layers):
+        shapes.update({f"model.layers.{n}.{suffix}": shape for suffix, shape in layer.items()})
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def param_path(hf_name: str) -> tuple[tuple[str, ...], bool]:
+    """HF name -> (path in the Flax params tree, whether the array is stored transposed)."""
+    if hf_name in _GLOBAL:
+        return _GLOBAL[hf_name]
+    _, _, n, suffix = hf_name.split(".", 3)
+    path, transposed = _LAYER[suffix]
+    return (f"layers_{n}",) + path, transposed
+
+
+def hf_to_params(config: LlamaConfig, tensors: Mapping[str, Callable[[], np.ndarray]], where: str,
+                 display: Callable[[str], str] = lambda name: name,
+                 convert: Callable[[np.ndarray], Any] = lambda array: array) -> dict:
+    """Builds the Flax base params from HF-named tensors, checking every name and shape against `config`.
+
+    Args:
+      config: the model's config (shapes are checked against it).
+      tensors: HF name -> zero-argument function returning the array in HF [out, in] layout (lazy, so a checkpoint
+        is read one tensor at a time).
+      where: the file or directory, for error messages.
+      display: maps a HF name to the name the user's file uses (GGUF names), for error messages.
+      convert: applied to each array in our layout as soon as it is read (e.g. the cast to a jax array), so a
+        checkpoint never sits in host memory twice.
+    Returns:
+      nested dicts of converted arrays (numpy by default) in the `model.Llama` params layout.
+    """
+    expected = hf_shapes(config)
+    unknown = [n for n in tensors if n not in expected and not _IGNORED.fullmatch(n)
+               and not (n == "lm_head.weight" and config.tie_embeddings)]
+    if unknown:
+        raise MedusaError(f"{where}: unexpected tensor {display(unknown[0])!r} for a LLaMA model "
+                          f"({len(unknown)} unexpected in all); this checkpoint is not a plain LlamaForCausalLM")
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise MedusaError(f"{where}: tensor {display(missing[0])!r} is missing ({len(missing)} missing in all); "
+                          "the checkpoint is incomplete or does not match its config")
+    params: dict = {}
+    for name, shape in expected.items():
+        array = tensors[name]()
+        if tuple(array.shape) != shape:
+            raise MedusaError(f"{where}: tensor {display(name)!r} has shape {list(array.shape)} but the config "
+                              f"implies {list(shape)}; the weights do not match the config")
+        path, transposed = param_path(name)
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = convert(array.T if transposed else array)  # .T is a view: `convert` copies at most once
+    return params
+
+
+def params_to_hf(config: LlamaConfig, base: Mapping) -> dict[str, np.ndarray]:
+    """The inverse of `hf_to_params`: Flax params -> {HF name: array in [out, in] layout} (tied lm_head omitted)."""
+    out = {}
+    for name in hf_shapes(config):
+        path, transposed = param_path(name)
+        array = base
+        for key in path:
+            array = array[key]
+        array = np.asarray(array)
+        out[name] = np.ascontiguousarray(array.T) if transposed else array
+    return out
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """llama.cpp tensor name -> HF name, or None for a name outside the LLaMA layout."""
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    m = _GGUF_LAYER_RE.fullmatch(name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
+    return None
+
+
+def hf_to_gguf_name(hf_name: str) -> str:
+    """HF name -> llama.cpp tensor name (for messages and for writing test files)."""
+    for gguf_name, hf in _GGUF_GLOBAL.items():
+        if hf == hf_name:
+            return gguf_name
+    _, _, n, rest = hf_name.split(".", 3)
+    module = rest.rsplit(".", 1)[0]
+    short = next(g for g, h in _GGUF_LAYER.items() if h == module)
+    return f"blk.{n}.{short}.weight"

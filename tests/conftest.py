@@ -1,0 +1,78 @@
+"""Shared fixtures: the embedded model and its transformers twin (once per session), the tiny model, torch LLaMAs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download models
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import medusa_jax  # noqa: E402
+from medusa_jax import model  # noqa: E402
+from medusa_jax.config import HeadsConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct bundle (float32, shipped heads when present)."""
+    return medusa_jax.load()
+
+
+@pytest.fixture(scope="session")
+def embedded_torch(embedded):
+    """transformers' own float32 `LlamaForCausalLM` of the embedded GGUF (its GGUF loader), in eval mode."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = embedded.source
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle():
+    """The random `tiny` model (seed 0), no tokenizer, no heads."""
+    return medusa_jax.load("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_heads_bundle(tiny_bundle):
+    """`tiny_bundle` with 3 random (non-identity) shared-projection Medusa heads of 1 layer."""
+    heads_config = HeadsConfig(num_heads=3, num_layers=1, projection="shared")
+    heads = model.init_heads(heads_config, tiny_bundle.config, tiny_bundle.base)
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), len(heads)))
+    heads = {k: 0.05 * jax.random.normal(next(keys), v.shape, v.dtype) for k, v in heads.items()}
+    return tiny_bundle.with_heads(heads, heads_config)
+
+
+def make_torch_llama(seed: int = 0, **overrides):
+    """A random float32 transformers `LlamaForCausalLM` (tiny GQA by default; `overrides` are LlamaConfig fields).
+
+    Norm scales are randomised too (around 1), so a swapped norm would show in the logits.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    net = LlamaForCausalLM(LlamaConfig(**fields)).float().eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return net
+
+
+@pytest.fixture
+def torch_llama():
+    """Factory: `torch_llama(seed=0, **LlamaConfig fields)` -> random float32 `LlamaForCausalLM` (see above)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return make_torch_llama

@@ -1,0 +1,144 @@
+"""Greedy Medusa decoding must reproduce plain greedy decoding token for token; stopping rules cut exactly.
+
+Two tiny models: an "oracle" whose heads are often right (long accepted chunks, so acceptance and KV compaction
+are exercised), and a random one with identity-plus-noise heads (occasional acceptance).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from infer import generate_ids
+from medusa_jax.bundle import forward_logits
+from infer.testing import oracle_bundle, random_bundle
+
+TREES = ["chain:3", [1, 3, 2], "mc_sim_7b_63", "ar"]
+PROMPTS = {1: [7], 7: [3, 4, 5, 6, 7, 8, 9], 20: [(5 * i + 3) % 30 + 1 for i in range(20)]}
+MAX_NEW = 48
+
+
+@functools.lru_cache(maxsize=None)
+def oracle():
+    return oracle_bundle(mix=0.15, seed=2)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def rand():
+    return random_bundle(seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def reference(which: str, prompt: tuple, max_new: int = MAX_NEW, stop: tuple = ()) -> list[int]:
+    """Plain greedy decoding (batch 1): the ground truth every mode must match at temperature 0."""
+    bundle = oracle() if which == "oracle" else rand()
+    return generate_ids(bundle, [list(prompt)], max_new_tokens=max_new, mode="ar", stop_ids=stop).tokens[0]
+
+
+def _emitted_per_step(gen, row=0) -> list[int]:
+    """Tokens each decoding step emitted before truncation (accepted drafts + the bonus token)."""
+    acc = gen.accepted[row]
+    return [int(a) + 1 for a in acc if a >= 0]
+
+
+@pytest.mark.parametrize("which", ["oracle", "rand"])
+def test_plain_greedy_matches_a_cache_free_forward(which):
+    """The reference itself: each token is the argmax of a full causal forward (no cache, no tree code)."""
+    bundle = oracle() if which == "oracle" else rand()
+    for prompt in (PROMPTS[1], PROMPTS[20]):
+        toks = reference(which, tuple(prompt))
+        logits = np.asarray(forward_logits(bundle, [prompt + toks]))[0]  # [T, V]
+        assert np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist() == toks
+
+
+@pytest.mark.parametrize("tree", TREES, ids=str)
+@pytest.mark.parametrize("plen", sorted(PROMPTS))
+def test_greedy_medusa_equals_plain_greedy_oracle(tree, plen):
+    prompt = PROMPTS[plen]
+    out = generate_ids(oracle(), [prompt], max_new_tokens=MAX_NEW, mode="greedy", tree=tree, stop_ids=())
+    assert out.tokens[0] == reference("oracle", tuple(prompt))
+    assert out.finish == ["length"]
+    if tree != "ar":
+        # The acceptance and compaction paths ran: several steps accepted drafts, some of them all the way.
+        assert (out.accepted > 0).sum() >= 3
+        assert out.steps < MAX_NEW - 1
+    else:
+        assert out.steps == MAX_NEW - 1 and (out.accepted == 0).all()
+
+
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", [1, 3, 2]], ids=str)
+def test_greedy_medusa_equals_plain_greedy_random_heads(tree):
+    prompt = PROMPTS[7]
+    out = generate_ids(rand(), [prompt], max_new_tokens=MAX_NEW, mode="greedy", tree=tree, stop_ids=())
+    assert out.tokens[0] == reference("rand", tuple(prompt))
+    assert (out.accepted > 0).any()
+
+
+@pytest.mark.parametrize("tree", ["chain:3", "mc_sim_7b_63", "ar"], ids=str)
+def test_batch_of_three_prompt_lengths_matches_single_sequences(tree):
+    prompts = [PROMPTS[7], PROMPTS[1], PROMPTS[20]]
+    out = generate_ids(oracle(), prompts, max_new_tokens=MAX_NEW, mode="greedy", tree=tree, stop_ids=())
+    for row, prompt in enumerate(prompts):
+        assert out.tokens[row] == reference("oracle", tuple(prompt)), f"row {row}"
+        assert out.padded[row].tolist() == out.tokens[row]
+
+
+@pytest.mark.parametrize("mode", ["typical", "sample"])
+def test_other_modes_at_temperature_zero_are_greedy(mode):
+    prompt = PROMPTS[7]
+    out = generate_ids(oracle(), [prompt], max_new_tokens=MAX_NEW, mode=mode, temperature=0.0, tree="chain:3",
+                       stop_ids=())
+    assert out.tokens[0] == reference("oracle", tuple(prompt))
+
+
+def test_stop_token_inside_an_accepted_chunk_truncates():
+    prompt, tree = PROMPTS[7], "chain:4"
+    full = generate_ids(oracle(), [prompt], max_new_tokens=MAX_NEW, tree=tree, stop_ids=())
+    toks, emitted = full.tokens[0], _emitted_per_step(full)
+    # Find a token whose first occurrence is an accepted draft (not the bonus, not the last of its chunk).
+    start, target = 1, None
+    for count in emitted:
+        for j in range(count - 1):
+            k = start + j
+            if toks[k] not in toks[:k]:
+                target = k
+                break
+        if target is not None:
+            break
+        start += count
+    assert target is not None, "the oracle model should accept drafts"
+    stop = toks[target]
+    out = generate_ids(oracle(), [prompt], max_new_tokens=MAX_NEW, tree=tree, stop_ids=(stop,))
+    assert out.tokens[0] == reference("oracle", tuple(prompt), stop=(stop,)) == toks[:target + 1]
+    assert out.finish == ["stop"]
+    # The last step accepted more tokens than it emitted: the cut fell inside the chunk.
+    assert sum(_emitted_per_step(out)) + 1 > len(out.tokens[0])
+
+
+def test_max_new_tokens_reached_mid_chunk():
+    prompt, tree = PROMPTS[7], "chain:4"
+    full = generate_ids(oracle(), [prompt], max_new_tokens=MAX_NEW, tree=tree, stop_ids=())
+    emitted = _emitted_per_step(full)
+    step = next(i for i, c in enumerate(emitted) if c >= 3)
+    limit = 1 + sum(emitted[:step]) + 1  # one token into a chunk of >= 3
+    out = generate_ids(oracle(), [prompt], max_new_tokens=limit, tree=tree, stop_ids=())
+    assert out.tokens[0] == reference("oracle", tuple(prompt))[:limit]
+    assert out.finish == ["length"] and len(out.tokens[0]) == limit
+    assert out.padded.shape == (1, limit)
+
+
+@pytest.mark.parametrize("tree", ["chain:4", "ar"], ids=str)
+def test_capacity_stop_never_writes_past_the_cache(tree):
+    prompts = [PROMPTS[7], [4, 9, 11]]
+    slots, nodes = 40, 5 if tree == "chain:4" else 1
+    out = generate_ids(oracle(), prompts, max_new_tokens=MAX_NEW, tree=tree, stop_ids=(), cache_length=slots)
+    for row, prompt in enumerate(prompts):
+        toks = out.tokens[row]
+        assert out.finish[row] == "capacity"
+        assert toks == reference("oracle", tuple(prompt))[:len(toks)]
+        cached = len(prompt) + len(toks) - 1  # the last emitted token is not cached yet
+        assert cached <= slots < cached + nodes  # stopped exactly when the next tree would not fit
+    if tree == "ar":
+        assert [len(t) for t in out.tokens] == [slots - len(p) + 1 for p in prompts]

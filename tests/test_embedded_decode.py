@@ -1,0 +1,82 @@
+"""The decoder on the embedded SmolLM2-135M-Instruct.
+
+(a) Our plain greedy decoding (`ar`: jitted prefill + KV-cache loop) reproduces transformers' greedy `generate`
+    token for token.
+(b) Greedy Medusa with random (identity + noise) shared heads reproduces our plain greedy decoding for several
+    trees, on MT-Bench first turns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+from infer import generate_ids
+from medusa_jax import chat, model
+from medusa_jax.config import HeadsConfig
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain in two sentences why the sky is blue."]
+MT_BENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mt_bench_questions.jsonl"
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from medusa_jax.loading import embedded
+
+    path = embedded.gguf_path()
+    net = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                            dtype=torch.float32)
+    return net.eval()
+
+
+def test_plain_greedy_matches_transformers(embedded, hf_model):
+    import torch
+
+    ids = [chat.render_prompt(embedded.tokenizer, p) for p in PROMPTS]
+    ours = generate_ids(embedded, ids, max_new_tokens=40, mode="ar")  # one batched call, right-padded prompts
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on 2 shared cores, torch's thread pool contends with itself (7x slower)
+    try:
+        for row, prompt in enumerate(ids):
+            with torch.no_grad():
+                ref = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
+                                        eos_token_id=list(embedded.config.eos_token_ids))
+            assert ours.tokens[row] == ref[0, len(prompt):].tolist(), PROMPTS[row]
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def perturbed(embedded):
+    """The embedded base with 4 shared-projection heads: identity plus small noise (drafts sometimes right)."""
+    hc = HeadsConfig(num_heads=4, num_layers=1, projection="shared")
+    heads = model.init_heads(hc, embedded.config, embedded.base)
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), len(heads)))
+    heads = {k: v + 0.002 * jax.random.normal(next(keys), v.shape, v.dtype) for k, v in heads.items()}
+    return embedded.with_heads(heads, hc)
+
+
+@pytest.fixture(scope="module")
+def mt_bench_ids(embedded):
+    if not MT_BENCH.exists():
+        pytest.skip(f"{MT_BENCH} not found")
+    questions = [json.loads(line) for line in MT_BENCH.read_text().splitlines()[:2]]
+    return [chat.render_prompt(embedded.tokenizer, q["turns"][0]) for q in questions]
+
+
+@pytest.fixture(scope="module")
+def plain(perturbed, mt_bench_ids):
+    return generate_ids(perturbed, mt_bench_ids, max_new_tokens=64, mode="ar", stop_ids=())
+
+
+@pytest.mark.parametrize("tree", ["chain:4", [1, 3, 2], "mc_sim_7b_63"], ids=str)
+def test_greedy_medusa_matches_plain_greedy(perturbed, mt_bench_ids, plain, tree):
+    out = generate_ids(perturbed, mt_bench_ids, max_new_tokens=64, mode="greedy", tree=tree, stop_ids=())
+    assert out.tokens == plain.tokens
+    assert (out.accepted > 0).any()  # some drafts were accepted, so compaction ran on the real model

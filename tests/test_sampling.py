@@ -1,0 +1,134 @@
+"""Speculative sampling is lossless: its tokens have exactly the distribution of plain sampling.
+
+A tiny model with a 12-token vocabulary; one batched call draws thousands of independent generations of 3 tokens
+from one prompt. The exact distribution of tokens 1-3 is enumerated with cache-free forwards, and chi-square
+tests compare both plain sampling (`ar`) and Medusa `sample` against it. `typical`, which is not lossless, must
+fail the same test, which shows the test has the power to catch a biased scheme.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from infer import generate_ids, sampling
+from infer.testing import random_bundle
+from medusa_jax.bundle import forward_logits
+
+PROMPT = [3, 4, 5, 6, 7]
+TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]  # siblings at two levels and depth 3
+DRAWS = 4000
+VOCAB = 12
+
+
+@functools.lru_cache(maxsize=None)
+def bundle():
+    return random_bundle(vocab_size=VOCAB, seed=0)
+
+
+def _target(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """Independent numpy statement of the target distribution: softmax(logits / T) on the top-p nucleus."""
+    z = logits / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if top_p < 1:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, -1)
+        before = np.cumsum(sorted_p, -1) - sorted_p
+        cutoff = np.min(np.where(before < top_p, sorted_p, np.inf), -1, keepdims=True)
+        p = np.where(p >= cutoff, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    return p
+
+
+@functools.lru_cache(maxsize=None)
+def exact_joint(temperature: float, top_p: float) -> np.ndarray:
+    """P(t1, t2, t3) [V, V, V] by enumeration (cache-free forwards of every 1- and 2-token continuation)."""
+    v = VOCAB
+    l1 = np.asarray(forward_logits(bundle(), [PROMPT]))[0, -1]
+    seq2 = [PROMPT + [a] for a in range(v)]
+    l2 = np.asarray(forward_logits(bundle(), seq2))[:, -1]  # [V, V]
+    seq3 = [PROMPT + [a, b] for a in range(v) for b in range(v)]
+    l3 = np.asarray(forward_logits(bundle(), seq3))[:, -1].reshape(v, v, v)
+    p1, p2, p3 = (_target(x.astype(np.float64), temperature, top_p) for x in (l1, l2, l3))
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def _chi2_pvalue(observed: np.ndarray, probs: np.ndarray) -> float:
+    """Chi-square goodness of fit; cells expected below 5 are pooled into one."""
+    observed, expected = observed.ravel().astype(float), probs.ravel() * observed.sum()
+    assert observed[expected == 0].sum() == 0, "a token with probability 0 was drawn"
+    small = expected < 5
+    obs = np.append(observed[~small], observed[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(stats.chisquare(obs, exp).pvalue)
+
+
+def _draw(mode: str, temperature: float, top_p: float, seed: int = 0):
+    out = generate_ids(bundle(), [PROMPT] * DRAWS, max_new_tokens=3, temperature=temperature, top_p=top_p,
+                       mode=mode, tree=None if mode == "ar" else TREE, seed=seed, stop_ids=(), cache_length=32)
+    toks = np.array(out.tokens)
+    assert toks.shape == (DRAWS, 3)
+    return toks, out
+
+
+def _pvalues(toks: np.ndarray, joint: np.ndarray) -> dict:
+    v = VOCAB
+    counts = np.zeros((v, v, v))
+    np.add.at(counts, (toks[:, 0], toks[:, 1], toks[:, 2]), 1)
+    return {
+        "token1": _chi2_pvalue(counts.sum((1, 2)), joint.sum((1, 2))),
+        "token2": _chi2_pvalue(counts.sum((0, 2)), joint.sum((0, 2))),
+        "token3": _chi2_pvalue(counts.sum((0, 1)), joint.sum((0, 1))),
+        "joint12": _chi2_pvalue(counts.sum(2), joint.sum(2)),
+    }
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
+@pytest.mark.parametrize("mode", ["ar", "sample"])
+def test_distribution_matches_exact(mode, temperature, top_p):
+    toks, out = _draw(mode, temperature, top_p)
+    pvals = _pvalues(toks, exact_joint(temperature, top_p))
+    assert min(pvals.values()) > 0.01, pvals
+    if mode == "sample":
+        # The speculative path really ran: many steps accepted drafts, some at depth >= 2.
+        acc = out.accepted[out.accepted >= 0]
+        assert (acc >= 1).mean() > 0.2 and (acc >= 2).sum() > 100
+
+
+def test_biased_scheme_is_detected():
+    """`typical` accepts drafts deterministically when likely enough, so it is not lossless: the same test
+    must reject it (otherwise the test above would prove nothing)."""
+    toks, _ = _draw("typical", 1.0, 1.0)
+    pvals = _pvalues(toks, exact_joint(1.0, 1.0))
+    assert pvals["token1"] > 0.01  # the first token is sampled from the prefill in every mode
+    assert min(pvals["token2"], pvals["joint12"]) < 1e-6, pvals
+
+
+def test_typical_keeps_diversity_at_positive_temperature():
+    """The root of each step is sampled, so different seeds give different continuations."""
+    outs = {tuple(generate_ids(bundle(), [PROMPT], max_new_tokens=12, temperature=0.8, mode="typical",
+                               tree=TREE, seed=s, stop_ids=()).tokens[0]) for s in range(6)}
+    assert len(outs) >= 4
+
+
+def test_same_seed_same_sample():
+    a = generate_ids(bundle(), [PROMPT], max_new_tokens=12, temperature=1.0, mode="sample", tree=TREE, seed=3)
+    b = generate_ids(bundle(), [PROMPT], max_new_tokens=12, temperature=1.0, mode="sample", tree=TREE, seed=3)
+    assert a.tokens == b.tokens
+
+
+def test_target_probs_matches_numpy_statement():
+    logits = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (5, 40))) * 3
+    for temperature, top_p in [(1.0, 1.0), (0.5, 0.9), (2.0, 0.3), (1.0, 1e-6)]:
+        got = np.asarray(sampling.target_probs(logits, temperature, top_p, use_top_p=top_p < 1))
+        np.testing.assert_allclose(got, _target(logits.astype(np.float64), temperature, top_p), atol=1e-5)
+    # top_p -> 0 keeps only the most likely token
+    kept = np.asarray(sampling.target_probs(logits, 1.0, 1e-6, use_top_p=True)) > 0
+    assert (kept.sum(-1) == 1).all() and (kept.argmax(-1) == logits.argmax(-1)).all()

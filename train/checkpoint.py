@@ -1,0 +1,90 @@
+"""Run checkpoints: orbax `CheckpointManager` under `<run>/ckpt/<step>/`.
+
+Each checkpoint holds two items:
+  state/  the training state as a pytree of arrays (trained params, optimizer state, step, PRNG key data), saved
+          from host memory (one replicated copy);
+  meta/   JSON: data position {epoch, index}, heads config, model source, the training arguments, and anything
+          else the stage records (so a run can resume from its folder alone).
+Orbax writes a step into a temporary folder and renames it when complete, so `latest_step` never returns a torn
+checkpoint; the manager keeps the newest `keep` steps. Saves are synchronous: a checkpoint is on disk when `save`
+returns (they are small for heads; the run then exits safely after a signal).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from medusa_jax.errors import MedusaError
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(os.path.abspath(run_dir), "ckpt")
+
+
+class Checkpoints:
+    """The checkpoints of one run folder."""
+
+    def __init__(self, run_dir: str, keep: int = 3, create: bool = True):
+        if keep < 1:
+            raise MedusaError(f"--keep {keep} must be at least 1 (checkpoints to keep)")
+        self.directory = checkpoint_dir(run_dir)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict) -> bool:
+        """Saves host copies of `state` (a pytree) and `meta` (JSON-able) as `step`; False if it already exists."""
+        if step in self._manager.all_steps():
+            return False
+        host = jax.tree.map(np.asarray, jax.device_get(state))
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host),
+                                                         meta=ocp.args.JsonSave(meta)))
+        self._manager.wait_until_finished()
+        return True
+
+    def read_meta(self, step: int | None = None) -> tuple[int, dict]:
+        """(step, meta) of `step` (default: the latest complete checkpoint)."""
+        step = self._require(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return step, dict(restored["meta"])
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[int, Any, dict]:
+        """(step, state shaped like `target`, meta). `target` is a pytree of arrays (or ShapeDtypeStructs) of the
+        saved structure; a shape or structure mismatch raises MedusaError."""
+        step = self._require(step)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+                                if not isinstance(x, jax.ShapeDtypeStruct) else x, target)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MedusaError(f"checkpoint {self.directory}/{step} does not fit this run ({first[:200]}); "
+                              "resume with the run's original shape flags or start a new --out") from None
+        state = restored["state"]
+        got = jax.tree.map(np.shape, state)
+        want = jax.tree.map(lambda x: tuple(x.shape), abstract)
+        if jax.tree.structure(state) != jax.tree.structure(abstract) or got != want:
+            raise MedusaError(f"checkpoint {self.directory}/{step} holds differently shaped parameters than this "
+                              "run builds; resume with the run's original shape flags or start a new --out")
+        return step, state, dict(restored["meta"])
+
+    def _require(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self._manager.all_steps():
+            raise MedusaError(f"no complete checkpoint in {self.directory}; start the run without --resume")
+        return step
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,227 @@
+"""The Medusa-1 head loss: which token each head is trained on, and a fused, memory-light cross-entropy.
+
+Head k (0-based) at position t predicts token t + 2 + k (the base lm_head predicts t + 1). A target is valid only
+where that token is supervised (`loss_mask`, i.e. assistant text), lies inside the row, and belongs to the same
+packed conversation as position t (`segment_ids`), so a packed row never teaches a head to guess across documents.
+
+Loss = sum_k lambda_k * (masked mean over valid positions of CE_k), lambda_k = decay**k. decay=0.8 is the paper's
+weighting; the original repository's code uses an unweighted sum (decay=1.0). The mean divides by max(count, 1), so a
+batch with no valid target for some head contributes exactly 0 for that head instead of NaN (reference §6.7).
+
+Memory: materialising head logits [B, S, K, V] in float32 costs 1.6 GB for B=4, S=512, K=4, V=49152, and autodiff
+would keep all of it for the backward pass. `linear_cross_entropy` instead handles one head at a time, in chunks of
+the sequence, and computes the gradient of the projection in the same sweep as the loss (softmax - one_hot is
+known right there), so nothing of size V is kept for the backward pass and the vocabulary matmul runs twice (three
+times with a trainable projection) instead of three times plus a rematerialisation. It is exactly the projection
+`medusa_jax.model.head_logits` applies (the test compares values and gradients against that function).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from medusa_jax import model
+from medusa_jax.config import HeadsConfig, LlamaConfig
+
+Array = jax.Array
+TOPK_METRIC = 5  # the "top-5" accuracy
+
+
+@struct.dataclass
+class HeadStats:
+    """Sums over valid target positions, per head; each field float32 [K].
+
+    Sums (not means) so that batches, devices and hosts combine by addition.
+    """
+
+    ce: Array  # summed cross-entropy, nats
+    top1: Array  # targets that are the head's argmax (ties count as hits)
+    top5: Array  # targets among the head's 5 largest logits
+    count: Array  # valid targets
+
+    def __add__(self, other: "HeadStats") -> "HeadStats":
+        return jax.tree.map(jnp.add, self, other)
+
+    @classmethod
+    def zeros(cls, num_heads: int) -> "HeadStats":
+        z = jnp.zeros((num_heads,), jnp.float32)
+        return cls(ce=z, top1=z, top5=z, count=z)
+
+    def means(self) -> dict[str, list[float]]:
+        """Per-head mean loss and accuracies as Python floats (host side)."""
+        count = jnp.maximum(self.count, 1.0)
+        return {"loss": (self.ce / count).tolist(), "top1": (self.top1 / count).tolist(),
+                "top5": (self.top5 / count).tolist(), "count": self.count.astype(jnp.int32).tolist()}
+
+
+def head_weights(num_heads: int, decay: float) -> tuple[float, ...]:
+    """lambda_k = decay**k for k = 0..K-1 (decay 0.8: the paper; 1.0: the original code's plain sum)."""
+    return tuple(float(decay) ** k for k in range(num_heads))
+
+
+def head_targets(tokens: Array, loss_mask: Array, segment_ids: Array, num_heads: int) -> tuple[Array, Array]:
+    """Labels and validity of every head at every position.
+
+    Args:
+      tokens: int [B, S] token ids.
+      loss_mask: bool [B, S], True on supervised (assistant) tokens.
+      segment_ids: int [B, S], 0 on padding, 1..n for the packed conversations of a row.
+      num_heads: K.
+    Returns:
+      labels int32 [B, S, K] (tokens[t + 2 + k], 0 where out of the row) and valid bool [B, S, K].
+    """
+    labels, valid = [], []
+    for k in range(num_heads):
+        shift = 2 + k  # never cumulative: each head's offset is counted from t (reference §6.1)
+        pad = ((0, 0), (0, min(shift, tokens.shape[1])))
+        label = jnp.pad(tokens[:, shift:], pad)
+        target_mask = jnp.pad(loss_mask[:, shift:], pad)  # False beyond the row end
+        target_segment = jnp.pad(segment_ids[:, shift:], pad)  # 0 beyond the row end
+        labels.append(label.astype(jnp.int32))
+        valid.append(target_mask & (target_segment == segment_ids) & (segment_ids > 0))
+    return jnp.stack(labels, axis=-1), jnp.stack(valid, axis=-1)
+
+
+def _chunk_stats(x: Array, kernel: Array, labels: Array, valid: Array, with_grads: bool, kernel_grad: bool):
+    """One chunk: x [C, H], kernel [H, V], labels int [C], valid bool [C] -> sums (+ gradients of the CE sum)."""
+    logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32)  # [C, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]  # [C]
+    w = valid.astype(jnp.float32)
+    rank = jnp.sum(logits > label_logit[:, None], axis=-1)  # logits strictly above the target's: 0 = top-1
+    sums = (jnp.sum((lse - label_logit) * w), jnp.sum((rank < 1) * w), jnp.sum((rank < TOPK_METRIC) * w))
+    if not with_grads:
+        return sums, None, None
+    # d CE / d logits = softmax - one_hot, zero on invalid rows.
+    dlogits = (jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(labels, logits.shape[-1])) * w[:, None]
+    dlogits = dlogits.astype(x.dtype)
+    dx = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)  # [C, H]
+    dk = jnp.dot(x.T, dlogits, preferred_element_type=jnp.float32) if kernel_grad else None  # [H, V]
+    return sums, dx, dk
+
+
+def _chunked(x, kernel, labels, valid, chunk, with_grads, kernel_grad):
+    """Runs `_chunk_stats` over sequence chunks. x [B, S, H]; labels, valid [B, S]."""
+    b, s, h = x.shape
+    if chunk is None or chunk >= s:
+        flat = (x.reshape(b * s, h), kernel, labels.reshape(-1), valid.reshape(-1))
+        sums, dx, dk = _chunk_stats(*flat, with_grads, kernel_grad)
+        return sums, (None if dx is None else dx.reshape(b, s, h)), dk
+    n = -(-s // chunk)
+    pad = n * chunk - s
+    # Chunks along the sequence axis keep the batch axis (the sharded one) intact inside each chunk.
+    xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, h).transpose(1, 0, 2, 3)
+    ls = jnp.pad(labels, ((0, 0), (0, pad))).reshape(b, n, chunk).transpose(1, 0, 2)
+    vs = jnp.pad(valid, ((0, 0), (0, pad))).reshape(b, n, chunk).transpose(1, 0, 2)
+
+    def body(carry, inp):
+        xc, lc, vc = inp
+        sums, dx, dk = _chunk_stats(xc.reshape(b * chunk, h), kernel, lc.reshape(-1), vc.reshape(-1),
+                                    with_grads, kernel_grad)
+        carry_sums, carry_dk = carry
+        carry_sums = tuple(a + c for a, c in zip(carry_sums, sums))
+        if dk is not None:
+            carry_dk = carry_dk + dk
+        return (carry_sums, carry_dk), (None if dx is None else dx.reshape(b, chunk, h))
+
+    zero = jnp.zeros((), jnp.float32)
+    dk0 = jnp.zeros(kernel.shape, jnp.float32) if (with_grads and kernel_grad) else None
+    (sums, dk), dx = jax.lax.scan(body, ((zero, zero, zero), dk0), (xs, ls, vs))
+    if dx is not None:
+        dx = dx.transpose(1, 0, 2, 3).reshape(b, n * chunk, h)[:, :s]
+    return sums, dx, dk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def linear_cross_entropy(x: Array, kernel: Array, labels: Array, valid: Array, chunk: int | None = None,
+                         kernel_grad: bool = False) -> tuple[Array, Array, Array]:
+    """Cross-entropy of softmax(x @ kernel) against `labels`, summed over valid positions, plus top-1/top-5 hits.
+
+    Args:
+      x: [B, S, H] head states (any float dtype; the matmul accumulates in float32).
+      kernel: [H, V] vocabulary projection.
+      labels: int [B, S] target ids.
+      valid: bool [B, S] which positions count.
+      chunk: sequence positions per chunk (None: the whole sequence at once); bounds the [B * chunk, V] temporaries.
+      kernel_grad: whether the kernel is trained (the `own` projection); a frozen kernel gets a zero cotangent and
+        its gradient matmul is skipped.
+    Returns:
+      (ce_sum, top1_hits, top5_hits), float32 scalars. Only ce_sum is differentiable.
+    """
+    sums, _, _ = _chunked(x, kernel, labels, valid, chunk, with_grads=False, kernel_grad=False)
+    return sums
+
+
+def _lce_fwd(x, kernel, labels, valid, chunk, kernel_grad):
+    sums, dx, dk = _chunked(x, kernel, labels, valid, chunk, with_grads=True, kernel_grad=kernel_grad)
+    return sums, (dx.astype(x.dtype), dk, labels, valid, kernel)
+
+
+def _lce_bwd(chunk, kernel_grad, res, cotangents):
+    dx, dk, labels, valid, kernel = res
+    g = cotangents[0]  # the hit counts are not differentiable
+    d_kernel = (g * dk).astype(kernel.dtype) if kernel_grad else jnp.zeros_like(kernel)
+    return (g.astype(dx.dtype) * dx, d_kernel, None, None)
+
+
+linear_cross_entropy.defvjp(_lce_fwd, _lce_bwd)
+
+
+def medusa_loss(heads_config: HeadsConfig, config: LlamaConfig, base: Any, heads: Any, hidden: Array,
+                tokens: Array, loss_mask: Array, segment_ids: Array, *, weights: Sequence[float],
+                compute_dtype: Any = None, chunk: int | None = None,
+                axis_name: str | None = None) -> tuple[Array, HeadStats]:
+    """The stage-1 loss of all heads from post-final-norm hidden states.
+
+    Args:
+      heads_config, config: the heads' and the base model's configs.
+      base: frozen base params (only the lm_head / tied embedding is read, for the `shared` projection).
+      heads: trainable head params.
+      hidden: [B, S, H] post-final-norm hidden states of the base (treated as constants).
+      tokens, loss_mask, segment_ids: [B, S] the batch (see `head_targets`).
+      weights: lambda_k per head (len K).
+      compute_dtype: dtype of the vocabulary matmul (default: the base params' dtype); accumulation is float32.
+      chunk: sequence chunk of the fused cross-entropy (None: whole rows).
+      axis_name: under `pmap`, the device axis: the per-head means then divide by the count over all devices, and
+        the loss is scaled by the device count, so that `lax.pmean` of the gradients is the gradient of the global
+        masked mean (a mean of per-device means would over-weight devices with few valid targets).
+    Returns:
+      (loss, HeadStats) with stats summed over this call's (local) batch.
+    """
+    k_heads = heads_config.num_heads
+    if len(weights) != k_heads:
+        raise ValueError(f"got {len(weights)} head weights for {k_heads} heads")
+    compute_dtype = compute_dtype or jax.tree.leaves(base)[0].dtype
+    hidden = jax.lax.stop_gradient(hidden).astype(jnp.float32)
+    states = model.head_states(heads_config, config, heads, hidden)  # [B, S, K, H]
+    labels, valid = head_targets(tokens, loss_mask, segment_ids, k_heads)  # [B, S, K]
+    own = heads_config.projection == "own"
+    shared_kernel = None if own else jax.lax.stop_gradient(model.lm_head_kernel(config, base))  # [H, V]
+    ce, top1, top5 = [], [], []
+    for k in range(k_heads):
+        kernel = heads["proj"][k] if own else shared_kernel
+        sums = linear_cross_entropy(states[:, :, k].astype(compute_dtype), kernel.astype(compute_dtype),
+                                    labels[..., k], valid[..., k], chunk, own)
+        ce.append(sums[0]), top1.append(sums[1]), top5.append(sums[2])
+    count = jnp.sum(valid, axis=(0, 1)).astype(jnp.float32)  # [K]
+    stats = HeadStats(ce=jnp.stack(ce), top1=jax.lax.stop_gradient(jnp.stack(top1)),
+                      top5=jax.lax.stop_gradient(jnp.stack(top5)), count=count)
+    denom, scale = count, 1.0
+    if axis_name is not None:
+        denom = jax.lax.psum(count, axis_name)
+        scale = jax.lax.psum(1, axis_name)
+    loss = scale * jnp.sum(jnp.asarray(weights, jnp.float32) * stats.ce / jnp.maximum(denom, 1.0))
+    return loss, stats.replace(ce=jax.lax.stop_gradient(stats.ce))
+
+
+def attention_mask(segment_ids: Array) -> Array:
+    """Mask for packed rows: causal AND same segment AND not padding. segment_ids [B, S] -> bool [B, S, S]."""
+    s = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((s, s), bool))[None]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal & same & (segment_ids[:, None, :] > 0)
