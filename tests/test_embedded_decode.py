@@ -23,19 +23,8 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 MT_BENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mt_bench_questions.jsonl"
 
 
-@pytest.fixture(scope="module")
-def hf_model():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from medusa_jax.loading import embedded
-
-    path = embedded.gguf_path()
-    net = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                            dtype=torch.float32)
-    return net.eval()
-
-
-def test_plain_greedy_matches_transformers(embedded, hf_model):
+def test_plain_greedy_matches_transformers(embedded, embedded_torch):
+    hf_model = embedded_torch
     import torch
 
     ids = [chat.render_prompt(embedded.tokenizer, p) for p in PROMPTS]
