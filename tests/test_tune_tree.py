@@ -1,0 +1,27 @@
+"""The tree tuner's choice: best predicted tokens/s from head accuracy and a step-time curve."""
+
+import numpy as np
+
+from infer.tune_tree import choose_tree
+from medusa_jax.tree import build_tree, expected_accept_length
+
+ACC = np.array([[0.6, 0.15, 0.05], [0.35, 0.1, 0.05], [0.2, 0.05, 0.02]])
+
+
+def test_flat_step_cost_picks_the_largest_tree():
+    size, paths, rows = choose_tree(ACC, {0: 0.01, 8: 0.01}, max_nodes=8)
+    assert size == 8 and len(paths) == 8
+    build_tree(paths, num_heads=3, topk=3)  # a valid tree the heads can serve
+    best = max(rows, key=lambda r: r["predicted_tokens_per_s"])
+    assert np.isclose(best["expected_tokens_per_step"], 1 + expected_accept_length(paths, ACC))
+
+
+def test_expensive_steps_fall_back_to_plain_decoding():
+    size, paths, rows = choose_tree(ACC, {0: 0.01, 1: 0.03, 8: 0.05}, max_nodes=8)
+    assert size == 0 and paths == []
+    assert [r["measured"] for r in rows[:2]] == [True, True] and rows[4]["measured"] is False
+
+
+def test_step_time_is_interpolated_between_measured_sizes():
+    _, _, rows = choose_tree(ACC, {0: 0.010, 4: 0.020}, max_nodes=4)
+    assert np.isclose(rows[2]["step_ms"], 15.0)
