@@ -24,6 +24,7 @@ import numpy as np
 
 from medusa_jax.config import HeadsConfig, LlamaConfig
 from medusa_jax.errors import MedusaError
+from medusa_jax.loading import hf
 
 HEAD_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 _LINEAR = re.compile(r"(\d+)\.(\d+)\.linear\.(weight|bias)")
@@ -45,20 +46,8 @@ def find_head_file(path: str | os.PathLike) -> Path:
 
 
 def _read_state(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix in (".pt", ".bin", ".pth"):
-        try:
-            import torch
-        except ImportError:
-            raise MedusaError(f"{path}: reading a PyTorch head file needs torch (pip install torch); or convert it "
-                              "to safetensors") from None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-            raise MedusaError(f"{path}: cannot read PyTorch weights ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); re-download the file") from None
-        if not isinstance(state, Mapping):
-            raise MedusaError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-        return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+    if path.suffix in (".pt", ".bin", ".pth"):  # the same weights_only reader as pytorch_model.bin files
+        return {k: read() for k, read in hf.torch_reader(path).items()}
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 

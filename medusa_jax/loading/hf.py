@@ -130,7 +130,7 @@ def _safetensors_reader(path: Path) -> dict[str, Callable[[], np.ndarray]]:
     return {k: (lambda k=k: get(k)) for k in keys}
 
 
-def _torch_reader(path: Path) -> dict[str, Callable[[], np.ndarray]]:
+def torch_reader(path: Path) -> dict[str, Callable[[], np.ndarray]]:
     try:
         import torch
     except ImportError:
@@ -168,8 +168,8 @@ def _read_index(index: Path, reader) -> dict[str, Callable[[], np.ndarray]]:
 def read_weights(directory: Path) -> dict[str, Callable[[], np.ndarray]]:
     """HF name -> lazy array for whichever weight layout the directory holds (safetensors preferred)."""
     layouts = [("model.safetensors", _safetensors_reader, False), ("model.safetensors.index.json",
-               _safetensors_reader, True), ("pytorch_model.bin", _torch_reader, False),
-               ("pytorch_model.bin.index.json", _torch_reader, True)]
+               _safetensors_reader, True), ("pytorch_model.bin", torch_reader, False),
+               ("pytorch_model.bin.index.json", torch_reader, True)]
     for filename, reader, indexed in layouts:
         path = directory / filename
         if path.is_file():
