@@ -53,11 +53,15 @@ class Accepted:
         stale (valid node indices, to be ignored).
       length: int32 [B]; accepted draft tokens a in [0, D].
       next_token: int32 [B]; the bonus token predicted at node nodes[length], the next step's root.
+      proposed: int32 [B]; draft tokens proposed on the chosen path, for the acceptance rate length / proposed:
+        the chosen path's depth for `greedy` and `typical`; for `speculative_sample` the drafts tried in order
+        along the walk (length, plus one when the walk stopped at a node with children).
     """
 
     nodes: Array
     length: Array
     next_token: Array
+    proposed: Array
 
 
 def _rows(batch: int) -> Array:
@@ -78,20 +82,25 @@ def _path_accept_length(tree: TreeBuffers, node_ok: Array) -> Array:
     return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1)
 
 
+def _path_depth(tree: TreeBuffers, best: Array) -> Array:
+    """Draft tokens on path `best` [B] -> int32 [B]."""
+    return jnp.asarray(tree.path_len - 1, jnp.int32)[best]
+
+
 def greedy(tree: TreeBuffers, tokens: Array, logits: Array) -> Accepted:
     """Greedy verification. tokens [B, N] int32, logits [B, N, V] -> Accepted."""
     b = tokens.shape[0]
     pred = sampling.greedy_token(logits)  # [B, N]: the base's greedy choice after each node
     if tree.max_depth == 0:
         zeros = jnp.zeros((b,), jnp.int32)
-        return Accepted(nodes=zeros[:, None], length=zeros, next_token=pred[:, 0])
+        return Accepted(nodes=zeros[:, None], length=zeros, next_token=pred[:, 0], proposed=zeros)
     parent = np.maximum(tree.parent, 0)
     node_ok = tokens == pred[:, parent]  # [B, N]
     accept_len = _path_accept_length(tree, node_ok)  # [B, P]
     best = jnp.argmax(accept_len, axis=-1)  # first path of maximal length
     nodes, a = _pick_path(tree, accept_len, best)
     last = nodes[jnp.arange(b), a]
-    return Accepted(nodes=nodes, length=a, next_token=pred[jnp.arange(b), last])
+    return Accepted(nodes=nodes, length=a, next_token=pred[jnp.arange(b), last], proposed=_path_depth(tree, best))
 
 
 def typical(tree: TreeBuffers, key: Array, tokens: Array, logits: Array, temperature: Array, top_p: Array,
@@ -101,7 +110,7 @@ def typical(tree: TreeBuffers, key: Array, tokens: Array, logits: Array, tempera
     rows = jnp.arange(b)
     if tree.max_depth == 0:
         nodes = jnp.zeros((b, 1), jnp.int32)
-        length = jnp.zeros((b,), jnp.int32)
+        length = proposed = jnp.zeros((b,), jnp.int32)
     else:
         logp = sampling.tempered_log_probs(logits, temperature)  # [B, N, V]
         probs = jnp.exp(logp)
@@ -117,9 +126,10 @@ def typical(tree: TreeBuffers, key: Array, tokens: Array, logits: Array, tempera
         longest = accept_len == jnp.max(accept_len, axis=-1, keepdims=True)
         best = jnp.argmax(jnp.where(longest, score, -jnp.inf), axis=-1)
         nodes, length = _pick_path(tree, accept_len, best)
+        proposed = _path_depth(tree, best)
     last = nodes[rows, length]
     probs_last = sampling.target_probs(logits[rows, last], temperature, top_p, use_top_p)  # [B, V]
-    return Accepted(nodes=nodes, length=length, next_token=sampling.sample_from(key, probs_last))
+    return Accepted(nodes=nodes, length=length, next_token=sampling.sample_from(key, probs_last), proposed=proposed)
 
 
 def speculative_sample(tree: TreeBuffers, key: Array, tokens: Array, logits: Array, temperature: Array,
@@ -161,4 +171,6 @@ def speculative_sample(tree: TreeBuffers, key: Array, tokens: Array, logits: Arr
         fresh = sampling.target_probs(logits[rows, cur], temperature, top_p, use_top_p)
         residual = jnp.where(moved[:, None], fresh, residual)
     nodes = jnp.stack(visited, axis=1)  # [B, D+1]; after a stop the last node repeats (stale entries)
-    return Accepted(nodes=nodes, length=length, next_token=sampling.sample_from(keys[0], residual))
+    stopped_early = jnp.asarray(tree.num_children)[cur] > 0  # a child was tried and rejected
+    return Accepted(nodes=nodes, length=length, next_token=sampling.sample_from(keys[0], residual),
+                    proposed=length + stopped_early.astype(jnp.int32))

@@ -57,6 +57,7 @@ class Generation:
       padded: int32 [B, max_new], -1 padded (max_new = max_new_tokens, capped by the model's context).
       steps: decoding steps run (tree verifications; the prefill is not counted).
       accepted: int32 [B, steps]; draft tokens accepted per step, -1 once a sequence had finished.
+      proposed: int32 [B, steps]; draft tokens proposed on the chosen path per step (-1 likewise).
       finish: per sequence "stop" (stop token), "length" (max_new_tokens) or "capacity" (context full).
       wall_s: seconds of the generation itself (prefill + decoding + transfer; excludes compilation).
       compile_s: seconds spent compiling for this call (0 when reused).
@@ -66,6 +67,7 @@ class Generation:
     padded: np.ndarray
     steps: int
     accepted: np.ndarray
+    proposed: np.ndarray
     finish: list[str]
     wall_s: float
     compile_s: float
@@ -76,12 +78,15 @@ class Generation:
 
     def stats(self) -> dict:
         """tokens_per_s, steps, mean_accepted (tokens emitted per decoding step, accepted drafts + 1),
+        acceptance_rate (accepted draft tokens / draft tokens proposed on the chosen paths; 0 without drafts),
         new_tokens, wall_s, compile_s."""
         ran = self.accepted >= 0
         per_step = float((self.accepted[ran] + 1).mean()) if ran.any() else 1.0
+        proposed = int(self.proposed[ran].sum()) if ran.any() else 0
+        rate = float(self.accepted[ran].sum()) / proposed if proposed else 0.0
         return {"tokens_per_s": self.new_tokens / max(self.wall_s, 1e-9), "steps": self.steps,
-                "mean_accepted": per_step, "new_tokens": self.new_tokens, "wall_s": self.wall_s,
-                "compile_s": self.compile_s}
+                "mean_accepted": per_step, "acceptance_rate": rate, "new_tokens": self.new_tokens,
+                "wall_s": self.wall_s, "compile_s": self.compile_s}
 
 
 def _bucket(n: int) -> int:
@@ -266,7 +271,8 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
     finish = ["stop" if s and s[-1] in spec.stop_ids else "length" if len(s) >= max_new else "capacity"
               for s in seqs]
     return Generation(tokens=seqs, padded=np.where(np.arange(max_new) < num_new[:, None], tokens_np, -1),
-                      steps=steps, accepted=np.asarray(out.accepted)[:, :steps], finish=finish, wall_s=wall,
+                      steps=steps, accepted=np.asarray(out.accepted)[:, :steps],
+                      proposed=np.asarray(out.proposed)[:, :steps], finish=finish, wall_s=wall,
                       compile_s=compile_s)
 
 

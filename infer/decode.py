@@ -148,7 +148,8 @@ def prefill(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cac
         cache=cache, length=prompt_len.astype(jnp.int32), root=root, drafts=_drafts(spec, base, heads, last),
         tokens=jnp.full((b, spec.capacity + d + 1), -1, jnp.int32), num_new=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool), step=jnp.int32(0), steps=jnp.zeros((b,), jnp.int32),
-        accepted=jnp.full((b, spec.capacity), -1, jnp.int32), rng=rng)
+        accepted=jnp.full((b, spec.capacity), -1, jnp.int32), proposed=jnp.full((b, spec.capacity), -1, jnp.int32),
+        rng=rng)
     chunk = jnp.pad(root[:, None], ((0, 0), (0, d)))  # [B, D+1]; only column 0 is emitted
     tokens, num_new, finished = _record(spec, st, chunk, jnp.ones((b,), jnp.int32), max_new)
     done = finished | (st.length + n > s)
@@ -196,7 +197,8 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
     return st.replace(
         cache=cache, length=length, root=keep(acc.next_token, st.root), drafts=keep(drafts, st.drafts),
         tokens=out, num_new=num_new, done=done, step=st.step + 1, steps=st.steps + active.astype(jnp.int32),
-        accepted=st.accepted.at[:, st.step].set(jnp.where(active, acc.length, -1)), rng=rng)
+        accepted=st.accepted.at[:, st.step].set(jnp.where(active, acc.length, -1)),
+        proposed=st.proposed.at[:, st.step].set(jnp.where(active, acc.proposed, -1)), rng=rng)
 
 
 def generate(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cache: model.KVCache,
@@ -218,7 +220,8 @@ def generate(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, ca
                             lambda st: step(spec, base, heads, st, max_new, temperature, top_p), st)
     valid = jnp.arange(spec.capacity)[None, :] < st.num_new[:, None]
     return DecodeOutput(tokens=jnp.where(valid, st.tokens[:, :spec.capacity], -1), num_new=st.num_new,
-                        step=st.step, steps=st.steps, accepted=st.accepted, length=st.length, cache=st.cache)
+                        step=st.step, steps=st.steps, accepted=st.accepted,
+                        proposed=st.proposed, length=st.length, cache=st.cache)
 
 
 generate_jit = jax.jit(generate, static_argnums=0, donate_argnums=5)

@@ -72,6 +72,7 @@ class DecodeState:
       step: int32 []; decoding steps run (the prefill is not a step).
       steps: int32 [B]; steps in which each sequence was still running.
       accepted: int32 [B, C]; draft tokens accepted at each step (-1 once the sequence is done).
+      proposed: int32 [B, C]; draft tokens proposed on the chosen path at each step (`acceptance.Accepted`).
       rng: PRNG key.
     """
 
@@ -85,6 +86,7 @@ class DecodeState:
     step: Array
     steps: Array
     accepted: Array
+    proposed: Array
     rng: Array
 
 
@@ -98,6 +100,7 @@ class DecodeOutput:
       step: int32 []; decoding steps run.
       steps: int32 [B]; steps each sequence took part in.
       accepted: int32 [B, C]; draft tokens accepted per step (-1 where the sequence was done).
+      proposed: int32 [B, C]; draft tokens proposed on the chosen path per step (-1 where done).
       length: int32 [B]; final cache length (prompt + generated tokens, minus the last one, not yet cached).
       cache: the KV cache (for reuse by the next call; its contents are stale).
     """
@@ -107,5 +110,6 @@ class DecodeOutput:
     step: Array
     steps: Array
     accepted: Array
+    proposed: Array
     length: Array
     cache: KVCache

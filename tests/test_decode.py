@@ -60,12 +60,20 @@ def test_greedy_medusa_equals_plain_greedy_oracle(tree, plen):
     out = generate_ids(oracle(), [prompt], max_new_tokens=MAX_NEW, mode="greedy", tree=tree, stop_ids=())
     assert out.tokens[0] == reference("oracle", tuple(prompt))
     assert out.finish == ["length"]
+    ran = out.accepted >= 0
+    assert (ran == (out.proposed >= 0)).all() and (out.accepted <= out.proposed).all()
     if tree != "ar":
         # The acceptance and compaction paths ran: several steps accepted drafts, some of them all the way.
         assert (out.accepted > 0).sum() >= 3
         assert out.steps < MAX_NEW - 1
+        # Greedy picks a longest-accepting path; its full depth is what was proposed on it.
+        assert (out.proposed[ran] >= 1).all() and out.proposed.max() <= 4
+        if tree == "chain:3":
+            assert (out.proposed[ran] == 3).all()
+        assert 0 < out.stats()["acceptance_rate"] <= 1
     else:
-        assert out.steps == MAX_NEW - 1 and (out.accepted == 0).all()
+        assert out.steps == MAX_NEW - 1 and (out.accepted == 0).all() and (out.proposed[ran] == 0).all()
+        assert out.stats()["acceptance_rate"] == 0.0
 
 
 @pytest.mark.parametrize("tree", ["mc_sim_7b_63", [1, 3, 2]], ids=str)

@@ -132,3 +132,17 @@ def test_target_probs_matches_numpy_statement():
     # top_p -> 0 keeps only the most likely token
     kept = np.asarray(sampling.target_probs(logits, 1.0, 1e-6, use_top_p=True)) > 0
     assert (kept.sum(-1) == 1).all() and (kept.argmax(-1) == logits.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("mode", ["sample", "typical"])
+def test_proposed_counts_bound_accepted(mode):
+    """Per step: 0 <= accepted <= proposed <= tree depth (3); sampling proposes exactly one more than it accepts
+    whenever it stopped at a node with children, and never proposes past a leaf."""
+    out = generate_ids(bundle(), [PROMPT] * 8, max_new_tokens=12, temperature=1.0, mode=mode, tree=TREE, seed=1,
+                       stop_ids=())
+    ran = out.accepted >= 0
+    a, p = out.accepted[ran], out.proposed[ran]
+    assert ((0 <= a) & (a <= p) & (p <= 3)).all()
+    if mode == "sample":
+        assert ((p == a) | (p == a + 1)).all() and (p[a == 3] == 3).all()
+    assert 0 <= out.stats()["acceptance_rate"] <= 1
