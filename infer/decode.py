@@ -6,9 +6,12 @@ V vocabulary, H hidden size, Kd heads used by the tree, k top-k per head, C outp
 Conventions. After the prefill the cache holds the prompt (length n = prompt length) and the first generated token
 (the "root") is already emitted but not cached. Each step feeds the tree [root, drafts...] at positions n + depth,
 writes its N key/value entries at slots [n, n + N), verifies the drafts against the base logits at the nodes,
-emits the `a` accepted drafts plus the bonus token predicted at the last accepted node (which becomes the next
-root), and compacts the cache: the entries of the accepted path's nodes are gathered and written to slots
-[n, n + D], of which the first a + 1 are now valid (n += a + 1; the rest are stale and masked by the length).
+and emits the `a` accepted drafts plus the bonus token predicted at the last accepted node (which becomes the next
+root); n += a + 1. The cache is compacted at the start of the NEXT step, before its forward: the entries of the
+accepted path's nodes are gathered and written to slots [n_old, n_old + D], of which the first a + 1 are valid
+(the rest are stale, then overwritten by the new tree). Compacting after the attention reads of the same step
+made XLA copy every cache buffer on every step (an in-place write after in-place reads of the loop carry);
+before the forward, all writes precede all reads and the cache stays in place.
 The next drafts come from the Medusa heads applied to the hidden state at the last accepted node of the same pass:
 no extra forward. Plain decoding is the same loop over the root-only tree (N = 1, no heads).
 
@@ -74,9 +77,9 @@ def tree_mask(spec: DecodeSpec, start: Array) -> Array:
     return jax.vmap(lambda m, i: jax.lax.dynamic_update_slice(m, block, (0, i)))(full, start)
 
 
-def _compact(cache: model.KVCache, start: Array, nodes: Array) -> model.KVCache:
-    """Moves the accepted path's entries (slots start + nodes, [B, D+1]) to slots [start, start + D]."""
-    src = (start[:, None] + nodes)[:, :, None, None]  # [B, D+1, 1, 1]
+def _compact(cache: model.KVCache, start: Array, slots: Array) -> model.KVCache:
+    """Moves the accepted path's entries (cache slots `slots` [B, D+1]) to slots [start, start + D]."""
+    src = slots[:, :, None, None]  # [B, D+1, 1, 1]
     index = _cache_index(start)
     out = []
     for keys, values in cache:
@@ -146,6 +149,8 @@ def prefill(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cac
     root = _root(spec, key, model.logits(spec.config, base, last), temperature, top_p)
     st = DecodeState(
         cache=cache, length=prompt_len.astype(jnp.int32), root=root, drafts=_drafts(spec, base, heads, last),
+        # Identity: the first step's compaction moves slots [n, n + D] onto themselves.
+        path_slots=prompt_len[:, None].astype(jnp.int32) + jnp.arange(d + 1, dtype=jnp.int32)[None, :],
         tokens=jnp.full((b, spec.capacity + d + 1), -1, jnp.int32), num_new=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool), step=jnp.int32(0), steps=jnp.zeros((b,), jnp.int32),
         accepted=jnp.full((b, spec.capacity), -1, jnp.int32), proposed=jnp.full((b, spec.capacity), -1, jnp.int32),
@@ -158,17 +163,22 @@ def prefill(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cac
 
 def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, temperature: Array,
          top_p: Array) -> DecodeState:
-    """One tree verification: forward N nodes, accept, compact the cache, emit a + 1 tokens."""
+    """One tree verification: compact the previous path, forward N nodes, accept, emit a + 1 tokens."""
     tree, s = spec.tree, spec.cache_len
     b, n = st.root.shape[0], tree.num_nodes
     rows = jnp.arange(b)
     rng, key = jax.random.split(st.rng)
     # Finished sequences still run (static shapes); clamp their slot so nothing is written past the cache.
     start = jnp.minimum(st.length, s - n)  # [B]
+    cache = st.cache
+    if tree.max_depth > 0:
+        # Destination of the previous path: its root slot (the previous start; for a finished sequence a
+        # harmless in-range rewrite of its own stale slots).
+        cache = _compact(cache, st.path_slots[:, 0], st.path_slots)
     candidates = jnp.concatenate([st.root[:, None], st.drafts.reshape(b, -1)], axis=1)  # [B, 1 + Kd*k]
     tokens = candidates[:, tree.candidate_index]  # [B, N]
     positions = start[:, None] + jnp.asarray(tree.depth)[None, :]
-    hidden, cache = model.forward(spec.config, base, tokens, positions, tree_mask(spec, start), st.cache,
+    hidden, cache = model.forward(spec.config, base, tokens, positions, tree_mask(spec, start), cache,
                                   _cache_index(start))
     logits = model.logits(spec.config, base, hidden)  # [B, N, V]: base logits at the tree nodes only
     if spec.rule == "greedy":
@@ -178,8 +188,6 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
                                  spec.delta)
     else:
         acc = acceptance.speculative_sample(tree, key, tokens, logits, temperature, top_p, spec.use_top_p)
-    if tree.max_depth > 0:
-        cache = _compact(cache, start, acc.nodes)
     last = acc.nodes[rows, acc.length]
     drafts = _drafts(spec, base, heads, hidden[rows, last])
 
@@ -196,6 +204,7 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
     keep = lambda new, old: jnp.where(active.reshape((b,) + (1,) * (new.ndim - 1)), new, old)
     return st.replace(
         cache=cache, length=length, root=keep(acc.next_token, st.root), drafts=keep(drafts, st.drafts),
+        path_slots=keep(start[:, None] + acc.nodes, st.path_slots),
         tokens=out, num_new=num_new, done=done, step=st.step + 1, steps=st.steps + active.astype(jnp.int32),
         accepted=st.accepted.at[:, st.step].set(jnp.where(active, acc.length, -1)),
         proposed=st.proposed.at[:, st.step].set(jnp.where(active, acc.proposed, -1)), rng=rng)

@@ -65,6 +65,8 @@ class DecodeState:
       length: int32 [B]; tokens in the cache. The root, already emitted, sits at position `length`.
       root: int32 [B]; the next tree's root token.
       drafts: int32 [B, Kd, k]; each head's top-k tokens from the hidden state at the last accepted node.
+      path_slots: int32 [B, D+1]; cache slots of the previous step's accepted path, root first, still to be
+        moved to slots [length - a - 1, length - a + D) (the KV compaction, deferred to the next step).
       tokens: int32 [B, C + D + 1]; emitted tokens; each step writes a whole D+1 chunk at `num_new`, so the buffer
         has D+1 slots of slack (also the write target of finished sequences).
       num_new: int32 [B]; tokens emitted so far.
@@ -80,6 +82,7 @@ class DecodeState:
     length: Array
     root: Array
     drafts: Array
+    path_slots: Array
     tokens: Array
     num_new: Array
     done: Array
