@@ -77,7 +77,11 @@ class Checkpoints:
     def read_meta(self, step: int | None = None) -> tuple[int, dict]:
         """(step, meta) of `step` (default: the latest complete checkpoint)."""
         step = self._require(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, OSError) as e:  # a damaged meta item (JSONDecodeError is a ValueError)
+            raise MedusaError(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}); delete that "
+                              "folder to resume from an earlier checkpoint, or start a new --out") from None
         return step, dict(restored["meta"])
 
     def restore(self, target: Any, step: int | None = None) -> tuple[int, Any, dict]:
@@ -91,8 +95,9 @@ class Checkpoints:
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MedusaError(f"checkpoint {self.directory}/{step} does not fit this run ({first[:200]}); "
-                              "resume with the run's original shape flags or start a new --out") from None
+            raise MedusaError(f"checkpoint {self.directory}/{step} cannot be restored into this run ({first[:200]}); "
+                              "resume with the run's original shape flags, or delete that folder if it is damaged "
+                              "(an earlier checkpoint is then used)") from None
         state = restored["state"]
         got = jax.tree.map(np.shape, state)
         want = jax.tree.map(lambda x: tuple(x.shape), abstract)
