@@ -259,6 +259,10 @@ CASES: list[Case] = [
     Case("loader", "medusa_lm_head.pt whose pickle would run a shell command",
          lambda c: _load("tiny", heads=_evil_pickle(c.tmp / "h" / "medusa_lm_head.pt", c.tmp / "pwned")),
          r"medusa_lm_head\.pt: cannot read PyTorch weights \(UnpicklingError", absent=("pwned",)),
+    Case("loader", "tokenizer_config.json whose auto_map asks for custom Python code",
+         lambda c: (_write(c.hf / "tokenizer_config.json", json.dumps({"tokenizer_class": "MyTok", "auto_map": {
+             "AutoTokenizer": ["my_tok.MyTok", None]}})), _write(c.hf / "my_tok.py", "raise SystemExit(9)\n"),
+                    _load(c.hf)), r"custom Python code from the folder \(auto_map\), which medusa-jax never does"),
     Case("loader", "`--resume` of a run whose only checkpoint is a torn (uncommitted) save",
          _resume_torn, r"no complete checkpoint in .*; start the run without --resume", cli=True),
     Case("loader", "orbax checkpoint with corrupted array files",
@@ -300,8 +304,8 @@ CASES: list[Case] = [
          lambda c: _stage1("--model", "tiny", "--steps", "5", "--stop-at", "10", "--out", str(c.tmp / "out")),
          r"--stop-at 10", cli=True, absent=("out",)),
     Case("cli", "`train.stage1 --model llama-7b` (unknown model name)",
-         lambda c: _stage1("--model", "llama-7b", "--out", str(c.tmp / "out")), r"llama-7b: file or directory not found",
-         cli=True, absent=("out",)),
+         lambda c: _stage1("--model", "llama-7b", "--out", str(c.tmp / "out")),
+         r"llama-7b: file or directory not found", cli=True, absent=("out",)),
     Case("cli", "`train.stage1 --heads-init` with heads of another shape",
          lambda c: _stage1("--model", "tiny", "--heads-init", str(c.heads), "--num-heads", "3", "--steps", "1",
                            "--out", str(c.tmp / "out")), r"--heads-init .* pass matching --num-heads", cli=True,
@@ -431,9 +435,9 @@ README_START = "## Bad inputs"
 
 
 def readme_section(table: str) -> str:
-    return (f"{README_START}\n\nEvery input below was tried by `tests/test_bad_inputs.py`; each fails with this one "
-            "line (CLIs print it as `error: ...` and exit with status 2, leaving no partial output). Regenerate "
-            "with `PYTHONPATH=. python -m tests.test_bad_inputs --readme`.\n\n" + table + "\n")
+    return (f"{README_START}\n\nEvery input below is tried by `tests/test_bad_inputs.py`; each fails with this one "
+            "line, no traceback\n(CLIs print it on stderr and exit with status 2, leaving no partial output). "
+            "Regenerate the table with\n`PYTHONPATH=. python -m tests.test_bad_inputs --readme`.\n\n" + table + "\n")
 
 
 def replace_readme_section(readme: str, section: str) -> str:
