@@ -160,8 +160,8 @@ def test_non_finite_steps_stop_the_run_with_the_last_good_checkpoint_intact(tmp_
     with pytest.raises(MedusaError, match=r"3 steps had a non-finite loss or gradient \(last at step 9\); the last "
                                           r"checkpoint is the last good state"):
         loop.run(cfg, state, 0, step_fn=lambda s, b: step(s, None, b), batches=batches(),
-                 position=lambda: {"index": cursor["i"]}, put_batch=lambda b: b, save=save, describe=lambda aux: ({}, {}),
-                 metrics_log=loop.MetricsLog(str(tmp_path / "metrics.jsonl")))
+                 position=lambda: {"index": cursor["i"]}, put_batch=lambda b: b, save=save,
+                 describe=lambda aux: ({}, {}), metrics_log=loop.MetricsLog(str(tmp_path / "metrics.jsonl")))
     # Saves at steps 3 and 6 only: nothing was written once the run went bad, and the last one restores intact.
     assert ckpts.all_steps() == [3, 6]
     restored_step, restored, meta = ckpts.restore(jax.tree.map(np.asarray, state))
