@@ -146,6 +146,8 @@ def _as_batch(prompt_ids) -> list[list[int]]:
     arr = prompt_ids.tolist() if isinstance(prompt_ids, (np.ndarray, jax.Array)) else prompt_ids
     if isinstance(arr, (list, tuple)) and arr and all(isinstance(t, (int, np.integer)) for t in arr):
         arr = [arr]
+    if isinstance(arr, str):
+        raise MedusaError("generate_ids takes token ids, got a string; use generate for text prompts")
     if not isinstance(arr, (list, tuple)) or not arr:
         raise MedusaError("empty prompt: pass token ids as a list of lists of ints (one list per sequence)")
     out = []
@@ -224,6 +226,9 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
     bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
     if bad:
         raise MedusaError(f"token id {bad[0]} is outside the vocabulary of {cfg.vocab_size}")
+    bad = [t for t in (stop_ids or ()) if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise MedusaError(f"stop id {bad[0]} is outside the vocabulary of {cfg.vocab_size}; pass ids of real tokens")
     max_new = int(min(max_new_tokens, context - max(lengths)))
 
     rule = "greedy" if temperature == 0 else ("typical" if mode == "typical" else "sample")

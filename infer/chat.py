@@ -31,6 +31,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Flag errors, before the (slow) model load."""
+    if not args.temperature >= 0:
+        raise MedusaError(f"--temperature {args.temperature} must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise MedusaError(f"--top-p {args.top_p} must be in (0, 1]")
+    if args.max_new_tokens < 1:
+        raise MedusaError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.mode == "greedy" and args.temperature != 0:
+        raise MedusaError(f"--mode greedy is for --temperature 0, got {args.temperature}; use --mode sample or typical")
+    _tree(args.tree)
+
+
 def _tree(spec: str | None):
     if spec is None or not spec.strip().startswith("["):
         return spec
@@ -60,6 +73,7 @@ def _answer(params, messages, args, seed: int) -> tuple[str, dict]:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     with cli_errors():
+        _check_args(args)
         from medusa_jax import load  # after argument parsing, so --help is fast
 
         params = load(args.model, heads=args.heads)

@@ -157,13 +157,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     with cli_errors():
         from medusa_jax.loading import DEFAULT_HEADS_DIR, load
 
-        params = load(args.model, heads=args.heads)
-        if params.heads is None:
-            raise MedusaError("the model has no Medusa heads to tune a tree for; pass --heads PATH")
-        try:
+        try:  # flags first: the model load is slow
             sizes = sorted({int(s) for s in args.sizes.split(",")} | {0})
         except ValueError:
             raise MedusaError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+        if min(sizes) < 0 or args.num_prompts < 1 or args.max_new_tokens < 1:
+            raise MedusaError("--sizes must be >= 0, --num-prompts and --max-new-tokens at least 1")
+        params = load(args.model, heads=args.heads)
+        if params.heads is None:
+            raise MedusaError("the model has no Medusa heads to tune a tree for; pass --heads PATH")
         prompts = _prompt_ids(params, args.prompts, args.num_prompts)
         record = tune(params.with_heads(params.heads, params.heads_config, None), prompts, sizes=sizes,
                       max_new_tokens=args.max_new_tokens)

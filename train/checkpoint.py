@@ -8,11 +8,15 @@ Each checkpoint holds two items:
 Orbax writes a step into a temporary folder and renames it when complete, so `latest_step` never returns a torn
 checkpoint; the manager keeps the newest `keep` steps. Saves are synchronous: a checkpoint is on disk when `save`
 returns (they are small for heads; the run then exits safely after a signal).
+
+Fault injection (tests only; inert unless set): MEDUSA_FAULT_INJECT=kill_during_save:STEP makes the process
+SIGKILL itself while saving STEP, after orbax has written the step's files but before it renames them into place.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 import jax
@@ -26,6 +30,22 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(os.path.abspath(run_dir), "ckpt")
 
 
+def _fault_injection_path_class() -> Any:
+    """A temporary-path class that SIGKILLs at the finalisation of the step named in MEDUSA_FAULT_INJECT."""
+    spec = os.environ.get("MEDUSA_FAULT_INJECT", "")
+    if not spec.startswith("kill_during_save:"):
+        return None
+    step = spec.split(":", 1)[1]
+
+    class KillBeforeCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
+        async def finalize(self):
+            if self.get_final().name == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            await super().finalize()
+
+    return KillBeforeCommit
+
+
 class Checkpoints:
     """The checkpoints of one run folder."""
 
@@ -34,7 +54,8 @@ class Checkpoints:
             raise MedusaError(f"--keep {keep} must be at least 1 (checkpoints to keep)")
         self.directory = checkpoint_dir(run_dir)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=True,
+                                               temporary_path_class=_fault_injection_path_class())
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -56,7 +77,11 @@ class Checkpoints:
     def read_meta(self, step: int | None = None) -> tuple[int, dict]:
         """(step, meta) of `step` (default: the latest complete checkpoint)."""
         step = self._require(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, OSError) as e:  # a damaged meta item (JSONDecodeError is a ValueError)
+            raise MedusaError(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}); delete that "
+                              "folder to resume from an earlier checkpoint, or start a new --out") from None
         return step, dict(restored["meta"])
 
     def restore(self, target: Any, step: int | None = None) -> tuple[int, Any, dict]:
@@ -70,8 +95,9 @@ class Checkpoints:
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MedusaError(f"checkpoint {self.directory}/{step} does not fit this run ({first[:200]}); "
-                              "resume with the run's original shape flags or start a new --out") from None
+            raise MedusaError(f"checkpoint {self.directory}/{step} cannot be restored into this run ({first[:200]}); "
+                              "resume with the run's original shape flags, or delete that folder if it is damaged "
+                              "(an earlier checkpoint is then used)") from None
         state = restored["state"]
         got = jax.tree.map(np.shape, state)
         want = jax.tree.map(lambda x: tuple(x.shape), abstract)

@@ -183,6 +183,17 @@ def _own_prompts(params: Any, num: int, out: str | None, resume: bool, **kwargs)
     return items
 
 
+def check_settings(max_new_tokens: int, batch_size: int, temperature: float, top_p: float,
+                   num_prompts: int | None) -> None:
+    """Raises MedusaError for out-of-range settings (the CLI calls it before the slow model load)."""
+    if max_new_tokens < 1 or batch_size < 1:
+        raise MedusaError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be at least 1")
+    if not temperature >= 0 or not 0 < top_p <= 1:
+        raise MedusaError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    if num_prompts is not None and num_prompts < 1:
+        raise MedusaError(f"num_prompts={num_prompts} must be at least 1")
+
+
 def distill_with_stats(params: Any, prompts: Sequence[Any] | None = None, *, num_prompts: int | None = None,
                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
                        top_p: float = DEFAULT_TOP_P, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
@@ -191,12 +202,7 @@ def distill_with_stats(params: Any, prompts: Sequence[Any] | None = None, *, num
     """`distill`, also returning the counts for a summary line."""
     import tqdm
 
-    if max_new_tokens < 1 or batch_size < 1:
-        raise MedusaError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be at least 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise MedusaError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
-    if num_prompts is not None and num_prompts < 1:
-        raise MedusaError(f"num_prompts={num_prompts} must be at least 1")
+    check_settings(max_new_tokens, batch_size, temperature, top_p, num_prompts)
     if prompts is None:
         prompts = _own_prompts(params, num_prompts or DEFAULT_NUM_PROMPTS, out, resume, seed=seed,
                                batch_size=batch_size, template=template, progress=progress)
@@ -361,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> DistillStats:
     args = p.parse_args(argv)
     if args.num_prompts is not None and args.num_prompts < 1:
         raise MedusaError(f"--num-prompts {args.num_prompts} must be at least 1")
+    check_settings(args.max_new_tokens, args.batch_size, args.temperature, args.top_p, args.num_prompts)
 
     start = time.monotonic()
     items = P.read_prompts(args.prompts) if args.prompts else None  # before the slow model load: fail fast

@@ -384,6 +384,11 @@ def resolve_args(argv: Sequence[str] | None):
     for name in ("steps", "epochs", "lr", "stop_at"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("holdout", "warmup"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)} is out of range; use 0 <= {name} < 1")
+    if args.steps and args.stop_at and args.stop_at > args.steps:
+        parser.error(f"--stop-at {args.stop_at} is after the last step (--steps {args.steps}); lower --stop-at")
     return args, meta
 
 
@@ -397,6 +402,10 @@ def train(args, meta: dict | None = None) -> dict:
     hc = HeadsConfig(num_heads=args.num_heads, num_layers=args.num_layers, projection=args.projection)
     dp = DataParallel.create(args.parallel, args.devices)
     dp.check_batch_size(args.batch_size)
+    if args.seq_len > bundle.config.max_position_embeddings:
+        raise MedusaError(f"--seq-len {args.seq_len} is longer than the model's context of "
+                          f"{bundle.config.max_position_embeddings} tokens; lower --seq-len")
+    heads0 = initial_heads(args, bundle, hc)  # before the run folder exists: a mismatch leaves nothing behind
     run_dir = args.out or os.path.join("checkpoints", f"stage1-{bundle.config.name}-{hc.num_heads}h-"
                                        f"{hc.projection}-{time.strftime('%Y%m%d-%H%M%S')}")
     args.out = run_dir
@@ -411,7 +420,7 @@ def train(args, meta: dict | None = None) -> dict:
     total_steps = args.steps or max(1, int(round((args.epochs or DEFAULT_EPOCHS) * it.steps_per_epoch)))
     optimizer, schedule = loop.make_optimizer(loop.OptimConfig(lr=args.lr, total_steps=total_steps,
                                                                warmup_fraction=args.warmup, clip_norm=args.clip))
-    state = loop.TrainState.create(initial_heads(args, bundle, hc), optimizer, args.seed)
+    state = loop.TrainState.create(heads0, optimizer, args.seed)
     ckpts = Checkpoints(run_dir, keep=args.keep)
     start_step = 0
     if meta is not None:

@@ -159,7 +159,7 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types
         raise MedusaError(f"{path}: cannot build the tokenizer from the GGUF metadata ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -185,8 +185,11 @@ def load_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory))
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)  # never prompt, never run
     except Exception as e:  # noqa: BLE001 - transformers raises many types
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise MedusaError(f"{directory}: cannot load the tokenizer: it asks to run custom Python code from the "
+                              "folder (auto_map), which medusa-jax never does; use a standard tokenizer.json") from None
         raise MedusaError(f"{directory}: cannot load the tokenizer ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); fix or remove the tokenizer files") from None
 
