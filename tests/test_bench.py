@@ -1,0 +1,119 @@
+"""`python -m infer.bench` on the random tiny model (seconds) and `bench/gpu_7b.py --config tiny` on CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+
+from infer import bench
+from medusa_jax.errors import MedusaError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS = ("hf", "ar", "medusa-k3", "typical-t0.7", "sample-t0.7", "medusa-k6")  # tiny has 5 heads: k6 skips
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now make it rhyme."]},
+    {"question_id": 2, "category": "math", "turns": ["What is 12 times 7?", "And divided by 3?"]},
+    {"question_id": 3, "category": "coding", "turns": ["Print hello in Python.", "Now in C."]},
+]
+
+
+@pytest.fixture(scope="module")
+def questions_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q") / "questions.jsonl"
+    path.write_text("\n".join(json.dumps(q) for q in QUESTIONS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, questions_file):
+    """(record, printed text, out dir) of one tiny smoke run."""
+    out = tmp_path_factory.mktemp("bench")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        record = bench.main(["--model", "tiny", "--limit", "2", "--max-new-tokens", "16", "--questions",
+                             str(questions_file), "--methods", ",".join(METHODS), "--out", str(out),
+                             "--no-progress", "--accuracy-prompts", "2"])
+    return record, printed.getvalue(), out
+
+
+def test_every_requested_method_has_a_consistent_row(run):
+    record, _, out = run
+    rows = {r["method"]: r for r in record["rows"]}
+    assert set(rows) == set(METHODS) - {"medusa-k6"}
+    assert "fewer than 6" in record["notes"]["medusa-k6"]
+    assert rows["ar"]["speedup"] == 1.0
+    for r in rows.values():
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0
+        assert r["latency_ms"] * r["tokens_per_s"] == pytest.approx(1000.0)
+        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / rows["ar"]["tokens_per_s"])
+        if r["tokens_per_step"] is not None:
+            assert r["tokens_per_step"] >= 1.0
+        if r["acceptance_rate"] is not None:
+            assert 0.0 <= r["acceptance_rate"] <= 1.0
+    for name in ("medusa-k3", "typical-t0.7", "sample-t0.7"):  # drafts were proposed, so a rate exists
+        assert rows[name]["acceptance_rate"] is not None
+    assert rows["ar"]["tokens_per_step"] == 1.0 and rows["ar"]["acceptance_rate"] is None
+    assert json.loads((out / "bench.json").read_text())["rows"] == record["rows"]
+
+
+def test_greedy_medusa_answers_equal_autoregressive_token_for_token(run):
+    record, _, _ = run
+    ar, medusa = record["outputs"]["ar"], record["outputs"]["medusa-k3"]
+    assert len(ar) == 2 and all(len(q) == 2 for q in ar)  # --limit 2, both turns
+    assert [[t["tokens"] for t in q] for q in medusa] == [[t["tokens"] for t in q] for q in ar]
+    assert all(0 < len(t["tokens"]) <= 16 for q in ar for t in q)
+    assert {r["method"]: r["identical_to_ar"] for r in record["rows"]}["medusa-k3"] == 1.0
+
+
+def test_trees_categories_and_head_accuracy_are_recorded(run):
+    record, _, _ = run
+    tree = record["trees"]["medusa-k3"]
+    assert tree["nodes"] == len(tree["paths"]) + 1 and max(len(p) for p in tree["paths"]) <= 3
+    assert record["trees"]["ar"]["paths"] == []
+    assert set(record["category_speedup"]["speedup"]) == {"writing", "math"}
+    acc = record["head_accuracy"]
+    top1, top5 = np.array(acc["top1"]), np.array(acc["top5"])
+    assert top1.shape == (5,) and np.all((0 <= top1) & (top1 <= top5) & (top5 <= 1))
+    assert {"platform", "cpu", "device", "versions", "date", "git_commit"} <= set(record["machine"])
+
+
+def test_markdown_table_printed_and_plots_are_pngs(run):
+    record, printed, out = run
+    assert "| method | tokens/s | latency per token (ms) | speedup vs autoregressive |" in printed
+    for r in record["rows"]:
+        assert f"| {r['method']} |" in printed
+    assert (out / "bench.md").read_text().strip() in printed
+    names = {"speedup_vs_k.png", "head_accuracy.png", "category_speedup.png"}
+    assert {p.split("/")[-1] for p in record["plots"]} == names
+    import matplotlib.image
+
+    for name in names:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert matplotlib.image.imread(out / name).shape[0] > 100  # decodes to a real image
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--questions", "/nonexistent/q.jsonl"], "does not exist"),
+    (["--limit", "0"], "--limit must be a positive integer"),
+    (["--methods", "ar,medusa-fast"], "unknown method 'medusa-fast'"),
+])
+def test_bad_input_is_one_error_line(argv, message, capsys, questions_file):
+    if "--questions" not in argv:
+        argv = argv + ["--questions", str(questions_file)]
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--model", "tiny"] + argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_malformed_question_file(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"turns": ["ok"]}\nnot json\n')
+    with pytest.raises(MedusaError, match=r"q.jsonl:2: not a FastChat question"):
+        bench.read_questions(path, None)
+    assert bench.read_questions(path, 1)[0].turns == ("ok",)
