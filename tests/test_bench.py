@@ -117,3 +117,37 @@ def test_malformed_question_file(tmp_path):
     with pytest.raises(MedusaError, match=r"q.jsonl:2: not a FastChat question"):
         bench.read_questions(path, None)
     assert bench.read_questions(path, 1)[0].turns == ("ok",)
+
+
+def test_gpu_script_smoke_on_cpu(tmp_path, capsys):
+    """bench/gpu_7b.py end to end on the tiny shape: every section runs and reports consistent numbers."""
+    from bench import gpu_7b
+
+    res = gpu_7b.main(["--config", "tiny", "--dtype", "float32", "--bw-mib", "8", "--prompt-len", "48", "--capacity", "16",
+                       "--nodes", "6", "--decode-steps", "3", "--repeats", "1", "--hf-cpu", "--hf-tokens", "4",
+                       "--seq-len", "32", "--max-batch", "1", "--train-steps", "1", "--out", str(tmp_path)])
+    assert res["errors"] == {}
+    bw, dec, hf, tr = (res[k] for k in gpu_7b.SECTIONS)
+    assert bw["bandwidth_Bps"] > 0 and bw["floor_ms"] == pytest.approx(1e3 * bw["weight_bytes"] / bw["bandwidth_Bps"])
+    assert dec["ar"]["nodes"] == 1 and dec["ar"]["step_ms"] > 0
+    (tree,) = dec["trees"]
+    assert tree["nodes"] == 6 == len(tree["paths"]) + 1 and tree["vs_ar"] == pytest.approx(
+        tree["step_ms"] / dec["ar"]["step_ms"])
+    assert hf["device"] == "cpu" and hf["tokens_per_s"] > 0
+    (row,) = tr["batches"]
+    assert row["batch"] == 1 and row["tokens_per_s"] > 0 and np.isfinite(row["loss"])
+    assert json.loads((tmp_path / "gpu_7b.json").read_text())["config"] == "tiny"
+    assert "| our tree step, 6 nodes |" in capsys.readouterr().out
+
+
+def test_train_flops_count_base_forward_and_heads():
+    from bench import gpu_7b
+    from medusa_jax.config import HeadsConfig, vicuna_7b
+
+    cfg, hc = vicuna_7b(), HeadsConfig(num_heads=4)
+    flops, with_attention = gpu_7b.train_flops(cfg, hc, tokens=2048, seq_len=2048)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    layers = cfg.num_layers * (4 * h * h + 3 * h * i + 2 * h)  # attention, SwiGLU, two norms (MHA: 32 kv heads)
+    heads = 4 * (6 * 4096 ** 2 + 4 * 4096 * 32000) * 2048
+    assert flops == 2 * layers * 2048 + heads and with_attention > flops
+    assert gpu_7b.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu_7b.peak_flops("cpu") is None
