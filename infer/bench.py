@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--heads", default=None, help="Medusa heads directory or file (default: the model's shipped heads)")
     a("--methods", default=",".join(ALL_METHODS), help=f"comma-separated (default {','.join(ALL_METHODS)})")
     a("--no-hf", action="store_true", help="skip the transformers row")
+    a("--torch-threads", type=int, default=None, help="torch CPU threads for the hf row (default: torch's own; "
+      "use 1 when other processes load the CPU: torch's thread barriers then slow down about 10x)")
     a("--accuracy-prompts", type=int, default=3, help="first-turn prompts for per-head accuracy (default 3)")
     a("--out", default="runs/bench", help="folder for bench.json, bench.md and the PNG plots (default runs/bench)")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -310,6 +312,7 @@ def bench(args: argparse.Namespace) -> dict:
     _positive("--limit", args.limit)
     _positive("--max-new-tokens", args.max_new_tokens)
     _positive("--accuracy-prompts", args.accuracy_prompts)
+    _positive("--torch-threads", args.torch_threads)
     methods = _parse_methods(args.methods)
     if args.no_hf:
         methods = [m for m in methods if m.mode != "hf"]
@@ -327,13 +330,13 @@ def bench(args: argparse.Namespace) -> dict:
     plans = []
     for m in methods:
         if m.mode == "hf":
-            hf_model, note = bench_hf.load_torch_model(bundle)
+            hf_model, note = bench_hf.load_torch_model(bundle, args.torch_threads)
             plans.append((m, bundle if hf_model is not None else None, [], note, hf_model))
         else:
             mb, paths, where = method_bundle(bundle, m)
             plans.append((m, mb, paths, where, None))
     for m, mb, _, note, _ in plans:
-        if mb is None:
+        if mb is None or m.mode == "hf":  # why a row is missing; how the transformers peer ran
             notes[m.name] = note
     runnable = [p for p in plans if p[1] is not None]
     rows, outputs, trees = [], {}, {}

@@ -16,13 +16,16 @@ from typing import Any
 from medusa_jax.bundle import Bundle
 
 
-def load_torch_model(bundle: Bundle) -> tuple[Any, str]:
-    """(float32 eval-mode LlamaForCausalLM on CPU, note) or (None, why it was skipped)."""
+def load_torch_model(bundle: Bundle, threads: int | None = None) -> tuple[Any, str]:
+    """(float32 eval-mode LlamaForCausalLM on CPU, note) or (None, why it was skipped); `threads` sets torch's
+    CPU threads (None keeps torch's default)."""
     try:
         import torch
         import transformers
     except ImportError as e:
         return None, f"skipped: transformers/torch not importable ({e}); pip install torch transformers"
+    if threads is not None:
+        torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the weights are local
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     source = Path(bundle.source) if bundle.source else None
@@ -43,7 +46,7 @@ def load_torch_model(bundle: Bundle) -> tuple[Any, str]:
             how = "exported with medusa_jax.loading.save_hf"
     except Exception as e:  # any reader failure only drops this row
         return None, f"skipped: the model is not loadable in transformers ({type(e).__name__}: {e})"
-    net = net.float().eval()
+    net = net.eval()  # already float32 (dtype= above); a GGUF-loaded model refuses .float()
     return net, f"{how}; torch {torch.__version__} CPU float32, {torch.get_num_threads()} threads"
 
 

@@ -14,9 +14,14 @@ from medusa_jax.errors import MedusaError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ("hf", "ar", "medusa-k3", "typical-t0.7", "sample-t0.7", "medusa-k6")  # tiny has 5 heads: k6 skips
+# First turns of about 70 tokens with the chat template, so both turns' prompts share one length bucket (65-128
+# tokens) and each method compiles once.
+_LONG = " Answer in the voice of an old sailor who has seen every harbour on the whole coast and likes telling long stories."
 QUESTIONS = [
-    {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now make it rhyme."]},
-    {"question_id": 2, "category": "math", "turns": ["What is 12 times 7?", "And divided by 3?"]},
+    {"question_id": 1, "category": "writing", "turns": ["Write a haiku about the rain on a quiet mountain village." + _LONG,
+                                                         "Now make it rhyme."]},
+    {"question_id": 2, "category": "math", "turns": ["What is 12 times 7, and how would you check it?" + _LONG,
+                                                      "And divided by 3?"]},
     {"question_id": 3, "category": "coding", "turns": ["Print hello in Python.", "Now in C."]},
 ]
 
