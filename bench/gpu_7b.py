@@ -1,8 +1,9 @@
 """Vicuna-7B-shape speed on one accelerator (random weights): the bandwidth floor, our decoding steps, the
 transformers peer and the stage-1 train step.
 
-  python bench/gpu_7b.py --out runs/gpu_7b             # on the GPU machine (bf16, 512 cached tokens)
-  python bench/gpu_7b.py --config tiny --cpu-smoke ...   # seconds on CPU: the test suite's smoke run
+  PYTHONUNBUFFERED=1 python bench/gpu_7b.py --out $OUT     # on the GPU machine (bf16, 512 cached tokens), ~6-9 min
+  python bench/gpu_7b.py --sections decode,hf --out $OUT    # a part only (each compile of the 7B costs ~0.5 min)
+  python bench/gpu_7b.py --config tiny --dtype float32 --hf-cpu ...   # seconds on CPU: the tests' smoke run
 
 Sections (`--sections`, each runs in its own try/except; a failure is printed and recorded, the rest go on):
   bandwidth  a big on-device elementwise copy (read + write) and a reduction (read), best of 5 each; the
@@ -14,8 +15,8 @@ Sections (`--sections`, each runs in its own try/except; a failure is printed an
   hf         transformers `LlamaForCausalLM` (random init, bf16, CUDA) greedy `generate` of `--hf-tokens` tokens
              after the same prompt length; its per-token time excludes the prefill (difference with a 1-token run).
   train      the stage-1 train step (`train.stage1.build_functions`: frozen base forward, 4 heads with the shared
-             projection, AdamW) at sequence length `--seq-len`, batch 1, 2, 4, ... until out of memory,
-             `--max-batch` or `--train-budget-s`; tokens/s and model FLOPs utilisation (MFU).
+             projection, AdamW) at sequence length `--seq-len`, batch 1, 2, 4, ... (or `--batches`) until out
+             of memory, `--max-batch` or `--train-budget-s`; tokens/s and model FLOPs utilisation (MFU).
 
 MFU counts matmul FLOPs: the base forward 2 * (layer parameters) * tokens (stage 1 never applies the base lm_head
 and an embedding lookup is no matmul), plus the heads forward and backward: per token and head 6*H*H per residual
@@ -272,8 +273,9 @@ def bench_train(args, cfg, base, out: dict) -> None:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(kind)
     out.update(seq_len=args.seq_len, heads=dataclasses.asdict(hc), peak_flops=peak, batches=[])
     rng = np.random.default_rng(0)
-    t_start, b = time.perf_counter(), 1
-    while b <= args.max_batch:
+    t_start = time.perf_counter()
+    sizes = args.batches or [2 ** i for i in range(args.max_batch.bit_length()) if 2 ** i <= args.max_batch]
+    for b in sizes:
         s = args.seq_len
         batch = {"tokens": rng.integers(3, cfg.vocab_size, (b, s)).astype(np.int32),
                  "loss_mask": np.ones((b, s), bool), "segment_ids": np.ones((b, s), np.int32),
@@ -310,7 +312,6 @@ def bench_train(args, cfg, base, out: dict) -> None:
         if time.perf_counter() - t_start > args.train_budget_s:
             out["stopped"] = f"time budget of {args.train_budget_s} s reached"
             break
-        b *= 2
     ok = [r for r in out["batches"] if "error" not in r]
     if ok:
         out["best"] = max(ok, key=lambda r: r["tokens_per_s"])
@@ -377,8 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--hf-cpu", action="store_true", help="run the transformers section on the CPU when there is no CUDA")
     a("--seq-len", type=int, default=2048, help="training sequence length (default 2048)")
     a("--max-batch", type=int, default=64, help="largest training batch tried (default 64)")
+    a("--batches", default=None, help="training batch sizes to try in order, e.g. 4,8,16 (default 1, 2, 4, ... "
+      "up to --max-batch); stops at the first that does not fit")
     a("--train-steps", type=int, default=5, help="timed train steps per batch size (default 5)")
-    a("--train-budget-s", type=float, default=240.0, help="stop trying larger batches after this (default 240)")
+    a("--train-budget-s", type=float, default=180.0, help="stop trying larger batches after this (default 180)")
     a("--chunk", type=int, default=256, help="sequence chunk of the fused head loss (default 256, as stage 1)")
     a("--peak-tflops", type=float, default=None, help="bf16 peak of the chip for MFU (default: by device name)")
     a("--out", default="runs/gpu_7b", help="folder for gpu_7b.json and gpu_7b.md (default runs/gpu_7b)")
@@ -387,10 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    args.nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
+    try:
+        args.nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
+        args.batches = [int(b) for b in args.batches.split(",") if b.strip()] if args.batches else None
+    except ValueError:
+        raise SystemExit("error: --nodes and --batches take comma-separated integers") from None
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
-    if unknown:
+    if unknown or not sections:
         raise SystemExit(f"error: unknown section(s) {sorted(unknown)}; use {','.join(SECTIONS)}")
     cfg = C.preset(args.config)
     dtype = jnp.dtype(args.dtype)
@@ -399,7 +406,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"{cfg.name} on {res['machine']['device']}: {cfg.num_params / 1e9:.2f} B parameters", flush=True)
     base = heads = None
     if {"bandwidth", "decode", "train"} & set(sections):
-        base, heads = random_model(cfg, HeadsConfig(num_heads=5, projection="shared"), dtype)
+        try:
+            t0 = time.perf_counter()
+            base, heads = random_model(cfg, HeadsConfig(num_heads=5, projection="shared"), dtype)
+            print(f"random weights in {time.perf_counter() - t0:.1f} s", flush=True)
+        except Exception as e:  # the transformers section needs none of it
+            traceback.print_exc()
+            res["errors"]["weights"] = f"{type(e).__name__}: {e}"[:2000]
+            sections = [s for s in sections if s == "hf"] or sections
     for name in sections:
         out = res.setdefault(name, {})
         t0 = time.perf_counter()
@@ -419,14 +433,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
             traceback.print_exc()
             res["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
         out["section_s"] = round(time.perf_counter() - t0, 1)
-    text = markdown(res)
+        print(f"  {name} done in {out['section_s']} s: " + json.dumps(
+            {k: v for k, v in out.items() if isinstance(v, (int, float, str))}, default=str)[:600], flush=True)
+        text = _write(res, Path(args.out))  # after every section: a run cut short keeps what it measured
     print(text)
-    dest = Path(args.out)
+    print(f"wrote {Path(args.out) / 'gpu_7b.json'} and {Path(args.out) / 'gpu_7b.md'}")
+    return res
+
+
+def _write(res: dict, dest: Path) -> str:
+    text = markdown(res)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "gpu_7b.md").write_text(text + "\n")
     (dest / "gpu_7b.json").write_text(json.dumps(res, indent=1, default=str))
-    print(f"wrote {dest / 'gpu_7b.json'} and {dest / 'gpu_7b.md'}")
-    return res
+    return text
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Methods (`--methods`, comma-separated; `ar` always runs, it is the baseline):
   hf            transformers greedy `generate` on the same weights (PyTorch, this machine's CPU).
   ar            our plain autoregressive decoding (the root-only tree).
   medusa-kK     greedy Medusa with the first K heads (K = 3, 4, 5) and a tree per K: the bundle's tuned
-                `tree.json` for its own head count, else `default_tree(K)`.
+                `tree.json` when K heads can serve it (depth <= K), else `default_tree(K)`.
   typical-t0.7  typical acceptance at temperature 0.7 with all heads and the bundle's tree.
   sample-t0.7   lossless speculative sampling at temperature 0.7, likewise.
 
@@ -174,7 +174,8 @@ def method_bundle(bundle: Bundle, method: Method) -> tuple[Bundle | None, list, 
     k = have if method.k is None else method.k
     if k > have:
         return None, [], f"skipped: the heads have {have} heads, fewer than {k}"
-    if bundle.tree is not None and k == have:
+    if bundle.tree is not None and max((len(p) for p in bundle.tree), default=0) <= k:
+        # the tuned tree is the best tree known for these heads, and k heads serve it
         paths, where = [tuple(p) for p in bundle.tree], "tree.json (tuned for these heads)"
     else:
         paths, where = default_tree(k), f"default_tree({k})"

@@ -162,7 +162,8 @@ def plots(record: dict, out: Path) -> list[str]:
     a1.set(xlabel="Medusa heads k", ylabel="speedup vs autoregressive", title="Speedup (greedy)")
     a1.legend(fontsize=8)
     a2.plot(ks, [r["tokens_per_step"] for r in rows], "o-")
-    a2.set(xlabel="Medusa heads k", ylabel="mean tokens per step", title="Tokens per step")
+    a2.set(xlabel="Medusa heads k", ylabel="mean tokens per step", title="Tokens per step",
+           ylim=(1.0, max([r["tokens_per_step"] for r in rows], default=1.0) + 0.25))
     for ax in (a1, a2):
         ax.set_xticks(sorted(set(ks) | set(pk)))
     save(fig, "speedup_vs_k.png")
