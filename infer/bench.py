@@ -347,7 +347,8 @@ def bench(args: argparse.Namespace) -> dict:
             bar.set_description(m.name)
             records = run_method(mb, m, paths, questions, args.max_new_tokens, bar, hf_model)
             rows.append(summarise(m, records, questions))
-            outputs[m.name] = [[{"tokens": r["tokens"], "text": r["text"]} for r in q] for q in records]
+            keep = ("tokens", "text", "wall_s", "steps", "accepted", "proposed")
+            outputs[m.name] = [[{k: r[k] for k in keep if k in r} for r in q] for q in records]
             if m.mode != "hf":
                 trees[m.name] = {"paths": [list(p) for p in paths], "nodes": len(paths) + 1, "source": where}
     ar = next(r for r in rows if r["mode"] == "ar")

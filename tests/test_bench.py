@@ -16,12 +16,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ("hf", "ar", "medusa-k3", "typical-t0.7", "sample-t0.7", "medusa-k6")  # tiny has 5 heads: k6 skips
 # First turns of about 70 tokens with the chat template, so both turns' prompts share one length bucket (65-128
 # tokens) and each method compiles once.
-_LONG = " Answer in the voice of an old sailor who has seen every harbour on the whole coast and likes telling long stories."
+_LONG = (" Answer in the voice of an old sailor who has seen every harbour on the whole coast and likes telling "
+         "long stories.")
 QUESTIONS = [
-    {"question_id": 1, "category": "writing", "turns": ["Write a haiku about the rain on a quiet mountain village." + _LONG,
-                                                         "Now make it rhyme."]},
-    {"question_id": 2, "category": "math", "turns": ["What is 12 times 7, and how would you check it?" + _LONG,
-                                                      "And divided by 3?"]},
+    {"question_id": 1, "category": "writing",
+     "turns": ["Write a haiku about the rain on a quiet mountain village." + _LONG, "Now make it rhyme."]},
+    {"question_id": 2, "category": "math",
+     "turns": ["What is 12 times 7, and how would you check it?" + _LONG, "And divided by 3?"]},
     {"question_id": 3, "category": "coding", "turns": ["Print hello in Python.", "Now in C."]},
 ]
 
@@ -128,9 +129,10 @@ def test_gpu_script_smoke_on_cpu(tmp_path, capsys):
     """bench/gpu_7b.py end to end on the tiny shape: every section runs and reports consistent numbers."""
     from bench import gpu_7b
 
-    res = gpu_7b.main(["--config", "tiny", "--dtype", "float32", "--bw-mib", "8", "--prompt-len", "48", "--capacity", "16",
-                       "--nodes", "6", "--decode-steps", "3", "--repeats", "1", "--hf-cpu", "--hf-tokens", "4",
-                       "--seq-len", "32", "--max-batch", "1", "--train-steps", "1", "--out", str(tmp_path)])
+    res = gpu_7b.main(["--config", "tiny", "--dtype", "float32", "--bw-mib", "8", "--prompt-len", "48",
+                       "--capacity", "16", "--nodes", "6", "--decode-steps", "3", "--repeats", "1", "--hf-cpu",
+                       "--hf-tokens", "4", "--seq-len", "32", "--max-batch", "1", "--train-steps", "1",
+                       "--out", str(tmp_path)])
     assert res["errors"] == {}
     bw, dec, hf, tr = (res[k] for k in gpu_7b.SECTIONS)
     assert bw["bandwidth_Bps"] > 0 and bw["floor_ms"] == pytest.approx(1e3 * bw["weight_bytes"] / bw["bandwidth_Bps"])
@@ -146,13 +148,13 @@ def test_gpu_script_smoke_on_cpu(tmp_path, capsys):
 
 
 def test_train_flops_count_base_forward_and_heads():
-    from bench import gpu_7b
+    from bench import gpu_train
     from medusa_jax.config import HeadsConfig, vicuna_7b
 
     cfg, hc = vicuna_7b(), HeadsConfig(num_heads=4)
-    flops, with_attention = gpu_7b.train_flops(cfg, hc, tokens=2048, seq_len=2048)
+    flops, with_attention = gpu_train.train_flops(cfg, hc, tokens=2048, seq_len=2048)
     h, i = cfg.hidden_size, cfg.intermediate_size
     layers = cfg.num_layers * (4 * h * h + 3 * h * i + 2 * h)  # attention, SwiGLU, two norms (MHA: 32 kv heads)
     heads = 4 * (6 * 4096 ** 2 + 4 * 4096 * 32000) * 2048
     assert flops == 2 * layers * 2048 + heads and with_attention > flops
-    assert gpu_7b.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu_7b.peak_flops("cpu") is None
+    assert gpu_train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu_train.peak_flops("cpu") is None
