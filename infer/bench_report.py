@@ -100,6 +100,10 @@ def markdown(record: dict) -> str:
     if greedy:
         same = min(r["identical_to_ar"] for r in greedy)
         lines.append(f"- greedy Medusa answers token-identical to autoregressive: {100 * same:.0f}%")
+    hf = [r for r in rows if r["mode"] == "hf"]
+    if hf:
+        lines.append(f"- transformers answers token-identical to ours (float rounding may split ties): "
+                     f"{100 * hf[0]['identical_to_ar']:.0f}%")
     lines += _targets(rows)
     cat = record["category_speedup"]
     if cat["method"]:
