@@ -1,0 +1,1 @@
+"""Benchmark scripts run on a lent accelerator machine (see gpu_7b.py)."""

@@ -1,0 +1,384 @@
+"""`python -m infer.bench`: MT-Bench decoding speed of every method, as the table Medusa implementations are
+compared by: method | tokens/s | latency per token | speedup vs autoregressive | acceptance rate | tokens per step.
+
+Methods (`--methods`, comma-separated; `ar` always runs, it is the baseline):
+  hf            transformers greedy `generate` on the same weights (PyTorch, this machine's CPU).
+  ar            our plain autoregressive decoding (the root-only tree).
+  medusa-kK     greedy Medusa with the first K heads (K = 3, 4, 5) and a tree per K: the bundle's tuned
+                `tree.json` when K heads can serve it (depth <= K), else `default_tree(K)`.
+  typical-t0.7  typical acceptance at temperature 0.7 with all heads and the bundle's tree.
+  sample-t0.7   lossless speculative sampling at temperature 0.7, likewise.
+
+Each MT-Bench question is answered in both turns; the second turn is conditioned on the method's own first
+answer (greedy methods all produce the same text). Times are `Generation.wall_s` (prefill + decoding, never
+compilation); a call that compiled a new executable is run again and the rerun is timed, so every timed call is
+a warm one. Outputs: a markdown table on the terminal and in `<out>/bench.md`, `<out>/bench.json` (rows, trees,
+per-category speeds, per-head accuracy, answers, machine), and PNG plots (see `infer.bench_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from infer import bench_report
+from infer.api import DEFAULT_TREE, default_stop_ids, generate_ids
+from infer.heads_eval import head_accuracy, topk_table
+from medusa_jax import chat, model
+from medusa_jax.bundle import Bundle
+from medusa_jax.config import HeadsConfig
+from medusa_jax.errors import MedusaError, cli_errors
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_QUESTIONS = REPO.parent / "shared" / "data" / "mt_bench_questions.jsonl"
+ALL_METHODS = ("hf", "ar", "medusa-k3", "medusa-k4", "medusa-k5", "typical-t0.7", "sample-t0.7")
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One MT-Bench question (FastChat format)."""
+
+    question_id: Any
+    category: str
+    turns: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How a benchmark row decodes: `mode` of `generate_ids` at `temperature` with the first `k` heads (None: all
+    of the bundle's heads)."""
+
+    name: str
+    mode: str
+    temperature: float = 0.0
+    k: int | None = None
+
+
+def parse_method(name: str) -> Method:
+    """Method from its row name (`ALL_METHODS`)."""
+    if name == "hf":
+        return Method("hf", "hf")
+    if name == "ar":
+        return Method("ar", "ar")
+    if name.startswith("medusa-k") and name[len("medusa-k"):].isdigit() and 1 <= int(name[len("medusa-k"):]) <= 8:
+        return Method(name, "greedy", 0.0, int(name[len("medusa-k"):]))
+    for mode in ("typical", "sample"):
+        if name.startswith(f"{mode}-t"):
+            try:
+                temperature = float(name[len(mode) + 2:])
+            except ValueError:
+                break
+            if temperature > 0:
+                return Method(name, mode, temperature)
+    raise MedusaError(f"unknown method {name!r}; use any of {', '.join(ALL_METHODS)} (medusa-kK for K in 1..8, "
+                      "typical-tT / sample-tT for a temperature T > 0)")
+
+
+def read_questions(path: str | Path | None, limit: int | None) -> list[Question]:
+    """The first `limit` questions of a FastChat question file (JSON lines with "turns" and "category")."""
+    if path is None:
+        if not DEFAULT_QUESTIONS.is_file():
+            raise MedusaError("no MT-Bench question file given; pass --questions FILE (FastChat JSONL with "
+                              "\"turns\" and \"category\")")
+        path = DEFAULT_QUESTIONS
+    path = Path(path)
+    if not path.is_file():
+        raise MedusaError(f"question file {path} does not exist; pass --questions FILE (FastChat JSONL)")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            turns = tuple(rec["turns"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MedusaError(f"{path}:{n}: not a FastChat question ({type(e).__name__}: {e}); each line needs "
+                              "a JSON object with a \"turns\" list") from None
+        if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise MedusaError(f"{path}:{n}: \"turns\" must be a non-empty list of non-empty strings")
+        out.append(Question(rec.get("question_id", n), str(rec.get("category", "unknown")), turns))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise MedusaError(f"{path} holds no questions; pass a FastChat question file")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def tiny_bundle(num_heads: int = 5, seed: int = 0, perturb: float = 0.02) -> Bundle:
+    """A random `tiny` model sized to the embedded SmolLM2 tokenizer, with random shared-projection heads
+    (identity-initialised plus Gaussian noise of std `perturb`): runs in seconds, meaningless text."""
+    from medusa_jax.config import tiny
+    from medusa_jax.loading import embedded
+
+    tok = embedded.load_tokenizer(embedded.gguf_path())
+    cfg = dataclasses.replace(tiny(), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                              eos_token_ids=(tok.eos_token_id,))
+    hc = HeadsConfig(num_heads=num_heads, projection="shared")
+    base, heads = _tiny_params(cfg, hc, jax.random.PRNGKey(seed), perturb)
+    return Bundle(base=base, heads=heads, config=cfg, heads_config=hc, tokenizer=tok,
+                  source="tiny (random, SmolLM2 tokenizer)")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _tiny_params(cfg, hc: HeadsConfig, key: jax.Array, perturb: float):
+    """One compiled initialisation (eager flax init compiles every op separately: tens of seconds)."""
+    k_base, k_heads = jax.random.split(key)
+    base = model.init_base(cfg, k_base)
+    heads = model.init_heads(hc, cfg, base)
+    leaves, treedef = jax.tree.flatten(heads)
+    keys = jax.random.split(k_heads, len(leaves))
+    heads = jax.tree.unflatten(treedef, [p + perturb * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    return base, heads
+
+
+def load_model(source: str | None, heads: str | None) -> Bundle:
+    import medusa_jax
+
+    if source == "tiny":
+        bundle = tiny_bundle()
+        return medusa_jax.loading.attach_heads(bundle, heads) if heads else bundle
+    bundle = medusa_jax.load(source, heads=heads)
+    if bundle.tokenizer is None:
+        raise MedusaError(f"{bundle.source} has no tokenizer; MT-Bench prompts need one (pass a model with a "
+                          "tokenizer, or --model tiny)")
+    return bundle
+
+
+def default_tree(k: int) -> list[tuple[int, ...]]:
+    """The decoder's small CPU tree (`DEFAULT_TREE`) cut to depth k, extended by a rank-0 chain to depth k."""
+    paths = [p for p in DEFAULT_TREE if len(p) <= k]
+    depth = max(len(p) for p in DEFAULT_TREE)
+    return paths + [(0,) * d for d in range(depth + 1, k + 1)]
+
+
+def method_bundle(bundle: Bundle, method: Method) -> tuple[Bundle | None, list, str]:
+    """(bundle to decode with, tree paths, where the tree came from) for `method`; bundle None = skipped, the
+    third item then says why."""
+    if method.mode == "ar":
+        return bundle, [], "none (plain decoding)"
+    if bundle.heads is None:
+        return None, [], "skipped: the model has no Medusa heads (pass --heads)"
+    have = bundle.heads_config.num_heads
+    k = have if method.k is None else method.k
+    if k > have:
+        return None, [], f"skipped: the heads have {have} heads, fewer than {k}"
+    if bundle.tree is not None and max((len(p) for p in bundle.tree), default=0) <= k:
+        # the tuned tree is the best tree known for these heads, and k heads serve it
+        paths, where = [tuple(p) for p in bundle.tree], "tree.json (tuned for these heads)"
+    else:
+        paths, where = default_tree(k), f"default_tree({k})"
+    hc = dataclasses.replace(bundle.heads_config, num_heads=k)
+    heads = jax.tree.map(lambda p: p[:k], bundle.heads)  # every head leaf is stacked over heads on axis 0
+    return bundle.with_heads(heads, hc, None), paths, where
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _messages(question: Question, answers: list[str], turn: int) -> list[dict]:
+    msgs = []
+    for i in range(turn + 1):
+        msgs.append({"role": "user", "content": question.turns[i]})
+        if i < turn:
+            msgs.append({"role": "assistant", "content": answers[i]})
+    return msgs
+
+
+def _answer_text(tokenizer, ids: list[int], stops: tuple[int, ...]) -> str:
+    return tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=False)
+
+
+def run_ours(bundle: Bundle, method: Method, paths: list, prompt: list[int], max_new: int, seed: int) -> dict:
+    """One warm, timed `generate_ids` call: a call that compiled is repeated and the repeat is timed."""
+    kw = dict(max_new_tokens=max_new, temperature=method.temperature, mode=method.mode, tree=paths or None,
+              seed=seed)
+    g = generate_ids(bundle, [prompt], **kw)
+    compile_s = g.compile_s
+    if compile_s > 0:
+        g = generate_ids(bundle, [prompt], **kw)
+    ran = g.accepted[0] >= 0
+    return {"tokens": g.tokens[0], "wall_s": g.wall_s, "steps": int(ran.sum()),
+            "accepted": int(g.accepted[0][ran].sum()), "proposed": int(g.proposed[0][ran].sum()),
+            "compile_s": compile_s}
+
+
+def run_method(bundle: Bundle, method: Method, paths: list, questions: list[Question], max_new: int,
+               bar: tqdm, hf_model: Any = None) -> list[list[dict]]:
+    """Every question, every turn -> per question a list of per-turn records (tokens, text, wall_s, ...)."""
+    from infer import bench_hf
+
+    stops = default_stop_ids(bundle)
+    out = []
+    for qi, q in enumerate(questions):
+        answers: list[str] = []
+        records = []
+        for turn in range(len(q.turns)):
+            prompt = chat.render_prompt(bundle.tokenizer, _messages(q, answers, turn))
+            if method.mode == "hf":
+                rec = bench_hf.run_hf(hf_model, prompt, max_new, stops)
+            else:
+                rec = run_ours(bundle, method, paths, prompt, max_new, seed=2 * qi + turn)
+            rec["text"] = _answer_text(bundle.tokenizer, rec["tokens"], stops)
+            answers.append(rec["text"])
+            records.append(rec)
+        out.append(records)
+        bar.update(1)
+    return out
+
+
+def summarise(method: Method, records: list[list[dict]], questions: list[Question]) -> dict:
+    """A table row: totals over every turn of every question, and per-category tokens/s."""
+    flat = [r for q in records for r in q]
+    tokens = sum(len(r["tokens"]) for r in flat)
+    wall = sum(r["wall_s"] for r in flat)
+    tps = tokens / max(wall, 1e-9)
+    row = {"method": method.name, "mode": method.mode, "temperature": method.temperature, "k": method.k,
+           "tokens": tokens, "wall_s": wall, "tokens_per_s": tps, "latency_ms": 1e3 / tps,
+           "acceptance_rate": None, "tokens_per_step": None}
+    if method.mode != "hf":
+        steps = sum(r["steps"] for r in flat)
+        proposed = sum(r["proposed"] for r in flat)
+        accepted = sum(r["accepted"] for r in flat)
+        row["steps"] = steps
+        row["tokens_per_step"] = (accepted + steps) / steps if steps else 1.0
+        row["acceptance_rate"] = accepted / proposed if proposed else None
+    cats: dict[str, list[float]] = {}
+    for q, recs in zip(questions, records):
+        c = cats.setdefault(q.category, [0, 0.0])
+        c[0] += sum(len(r["tokens"]) for r in recs)
+        c[1] += sum(r["wall_s"] for r in recs)
+    row["category_tokens_per_s"] = {c: n / max(w, 1e-9) for c, (n, w) in cats.items()}
+    return row
+
+
+def _parse_methods(text: str) -> list[Method]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise MedusaError("--methods is empty; give a comma-separated subset of " + ", ".join(ALL_METHODS))
+    methods = [parse_method(n) for n in dict.fromkeys(names)]
+    if not any(m.mode == "ar" for m in methods):  # the baseline every speedup is measured against
+        methods.insert(1 if methods[0].mode == "hf" else 0, Method("ar", "ar"))
+    return methods
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise MedusaError(f"{name} must be a positive integer, got {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m infer.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    a = p.add_argument
+    a("--questions", default=None, help="FastChat question JSONL (default ../shared/data/mt_bench_questions.jsonl "
+      "when present)")
+    a("--limit", type=int, default=None, help="use the first N questions (default all)")
+    a("--max-new-tokens", type=int, default=256, help="new tokens per answer at most (default 256)")
+    a("--model", default=None, help="HF directory or .gguf, or 'tiny' (random model, SmolLM2 tokenizer, random "
+      "heads; seconds); default: the embedded SmolLM2-135M-Instruct")
+    a("--heads", default=None, help="Medusa heads directory or file (default: the model's shipped heads)")
+    a("--methods", default=",".join(ALL_METHODS), help=f"comma-separated (default {','.join(ALL_METHODS)})")
+    a("--no-hf", action="store_true", help="skip the transformers row")
+    a("--torch-threads", type=int, default=None, help="torch CPU threads for the hf row (default: torch's own; "
+      "use 1 when other processes load the CPU: torch's thread barriers then slow down about 10x)")
+    a("--accuracy-prompts", type=int, default=3, help="first-turn prompts for per-head accuracy (default 3)")
+    a("--out", default="runs/bench", help="folder for bench.json, bench.md and the PNG plots (default runs/bench)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    with cli_errors():
+        return bench(args)
+
+
+def bench(args: argparse.Namespace) -> dict:
+    """Runs the benchmark for parsed arguments; returns the record written to bench.json."""
+    from infer import bench_hf
+
+    _positive("--limit", args.limit)
+    _positive("--max-new-tokens", args.max_new_tokens)
+    _positive("--accuracy-prompts", args.accuracy_prompts)
+    _positive("--torch-threads", args.torch_threads)
+    methods = _parse_methods(args.methods)
+    if args.no_hf:
+        methods = [m for m in methods if m.mode != "hf"]
+    questions = read_questions(args.questions, args.limit)
+    t_start = time.time()
+    bundle = load_model(args.model, args.heads)
+    notes: dict[str, str] = {}
+
+    accuracy = None
+    if bundle.heads is not None:
+        prompts = [chat.render_prompt(bundle.tokenizer, q.turns[0]) for q in questions[:args.accuracy_prompts]]
+        acc, count = head_accuracy(bundle, prompts, max_new_tokens=args.max_new_tokens, ranks=5)
+        accuracy = {**topk_table(acc), "positions": count, "prompts": len(prompts)}
+
+    plans = []
+    for m in methods:
+        if m.mode == "hf":
+            hf_model, note = bench_hf.load_torch_model(bundle, args.torch_threads)
+            plans.append((m, bundle if hf_model is not None else None, [], note, hf_model))
+        else:
+            mb, paths, where = method_bundle(bundle, m)
+            plans.append((m, mb, paths, where, None))
+    for m, mb, _, note, _ in plans:
+        if mb is None or m.mode == "hf":  # why a row is missing; how the transformers peer ran
+            notes[m.name] = note
+    runnable = [p for p in plans if p[1] is not None]
+    rows, outputs, trees = [], {}, {}
+    with tqdm(total=len(runnable) * len(questions), desc="bench", unit="question",
+              disable=args.no_progress) as bar:
+        for m, mb, paths, where, hf_model in runnable:
+            bar.set_description(m.name)
+            records = run_method(mb, m, paths, questions, args.max_new_tokens, bar, hf_model)
+            rows.append(summarise(m, records, questions))
+            keep = ("tokens", "text", "wall_s", "steps", "accepted", "proposed")
+            outputs[m.name] = [[{k: r[k] for k in keep if k in r} for r in q] for q in records]
+            if m.mode != "hf":
+                trees[m.name] = {"paths": [list(p) for p in paths], "nodes": len(paths) + 1, "source": where}
+    ar = next(r for r in rows if r["mode"] == "ar")
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"]
+        r["identical_to_ar"] = _identical(outputs[r["method"]], outputs["ar"])
+    record = {
+        "model": bundle.source, "config": bundle.config.name,
+        "heads": dataclasses.asdict(bundle.heads_config) if bundle.heads_config else None,
+        "questions": str(args.questions or DEFAULT_QUESTIONS), "num_questions": len(questions),
+        "max_new_tokens": args.max_new_tokens, "rows": rows, "notes": notes, "trees": trees,
+        "category_speedup": bench_report.category_speedup(rows), "head_accuracy": accuracy,
+        "machine": bench_report.machine_info(), "elapsed_s": round(time.time() - t_start, 1), "outputs": outputs,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record["plots"] = bench_report.plots(record, out)
+    markdown = bench_report.markdown(record)
+    print(markdown)
+    (out / "bench.md").write_text(markdown + "\n", encoding="utf-8")
+    (out / "bench.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {len(record['plots'])} plots in {out}")
+    return record
+
+
+def _identical(a: list[list[dict]], b: list[list[dict]]) -> float:
+    """Fraction of answers (question turns) whose tokens are identical in both runs."""
+    pairs = [(x["tokens"], y["tokens"]) for qa, qb in zip(a, b) for x, y in zip(qa, qb)]
+    return float(np.mean([x == y for x, y in pairs])) if pairs else 1.0
+
+
+if __name__ == "__main__":
+    main()

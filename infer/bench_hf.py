@@ -1,0 +1,74 @@
+"""The transformers peer of `infer.bench`: the same weights as a PyTorch `LlamaForCausalLM`, greedy `generate`.
+
+The torch model is read from the bundle's own file when transformers can read it (a `.gguf` through its GGUF
+loader, a Hugging Face directory), else exported with `medusa_jax.loading.save_hf` to a temporary directory (the
+random `tiny` model). Only `generate` is timed; a first short call warms the model up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from medusa_jax.bundle import Bundle
+
+
+def load_torch_model(bundle: Bundle, threads: int | None = None) -> tuple[Any, str]:
+    """(float32 eval-mode LlamaForCausalLM on CPU, note) or (None, why it was skipped); `threads` sets torch's
+    CPU threads (None keeps torch's default)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        return None, f"skipped: transformers/torch not importable ({e}); pip install torch transformers"
+    if threads is not None:
+        torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the weights are local
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    source = Path(bundle.source) if bundle.source else None
+    try:
+        if source is not None and source.is_file() and source.suffix == ".gguf":
+            net = transformers.AutoModelForCausalLM.from_pretrained(
+                str(source.parent), gguf_file=source.name, dtype=torch.float32)
+            how = f"transformers GGUF loader ({source.name})"
+        elif source is not None and source.is_dir():
+            net = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+            how = f"transformers from {source}"
+        else:
+            from medusa_jax.loading import save_hf
+
+            with tempfile.TemporaryDirectory() as tmp:
+                save_hf(bundle.replace(tokenizer=None), tmp)
+                net = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            how = "exported with medusa_jax.loading.save_hf"
+    except Exception as e:  # any reader failure only drops this row
+        return None, f"skipped: the model is not loadable in transformers ({type(e).__name__}: {e})"
+    net = net.eval()  # already float32 (dtype= above); a GGUF-loaded model refuses .float()
+    return net, f"{how}; torch {torch.__version__} CPU float32, {torch.get_num_threads()} threads"
+
+
+def run_hf(net: Any, prompt: list[int], max_new: int, stops: tuple[int, ...]) -> dict:
+    """Greedy `generate` from prompt ids: {"tokens" (the stop token included when hit), "wall_s"}."""
+    import torch
+
+    ids = torch.tensor([prompt], dtype=torch.long)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
+              eos_token_id=list(stops) or None, pad_token_id=stops[0] if stops else 0,
+              temperature=None, top_p=None, top_k=None)
+    if not getattr(net, "_bench_warm", False):
+        with torch.inference_mode():
+            net.generate(ids, max_new_tokens=4, **kw)
+        net._bench_warm = True
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = net.generate(ids, max_new_tokens=max_new, **kw)
+        wall = time.perf_counter() - t0
+    new = out[0, len(prompt):].tolist()
+    for i, t in enumerate(new):  # generate stops at the first stop id; cut any padding after it
+        if t in stops:
+            new = new[:i + 1]
+            break
+    return {"tokens": new, "wall_s": wall}

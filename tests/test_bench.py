@@ -1,0 +1,160 @@
+"""`python -m infer.bench` on the random tiny model (seconds) and `bench/gpu_7b.py --config tiny` on CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+
+from infer import bench
+from medusa_jax.errors import MedusaError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METHODS = ("hf", "ar", "medusa-k3", "typical-t0.7", "sample-t0.7", "medusa-k6")  # tiny has 5 heads: k6 skips
+# First turns of about 70 tokens with the chat template, so both turns' prompts share one length bucket (65-128
+# tokens) and each method compiles once.
+_LONG = (" Answer in the voice of an old sailor who has seen every harbour on the whole coast and likes telling "
+         "long stories.")
+QUESTIONS = [
+    {"question_id": 1, "category": "writing",
+     "turns": ["Write a haiku about the rain on a quiet mountain village." + _LONG, "Now make it rhyme."]},
+    {"question_id": 2, "category": "math",
+     "turns": ["What is 12 times 7, and how would you check it?" + _LONG, "And divided by 3?"]},
+    {"question_id": 3, "category": "coding", "turns": ["Print hello in Python.", "Now in C."]},
+]
+
+
+@pytest.fixture(scope="module")
+def questions_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q") / "questions.jsonl"
+    path.write_text("\n".join(json.dumps(q) for q in QUESTIONS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, questions_file):
+    """(record, printed text, out dir) of one tiny smoke run."""
+    out = tmp_path_factory.mktemp("bench")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        record = bench.main(["--model", "tiny", "--limit", "2", "--max-new-tokens", "16", "--questions",
+                             str(questions_file), "--methods", ",".join(METHODS), "--out", str(out),
+                             "--no-progress", "--accuracy-prompts", "2"])
+    return record, printed.getvalue(), out
+
+
+def test_every_requested_method_has_a_consistent_row(run):
+    record, _, out = run
+    rows = {r["method"]: r for r in record["rows"]}
+    assert set(rows) == set(METHODS) - {"medusa-k6"}
+    assert "fewer than 6" in record["notes"]["medusa-k6"]
+    assert rows["ar"]["speedup"] == 1.0
+    for r in rows.values():
+        assert r["tokens"] > 0 and r["tokens_per_s"] > 0
+        assert r["latency_ms"] * r["tokens_per_s"] == pytest.approx(1000.0)
+        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / rows["ar"]["tokens_per_s"])
+        if r["tokens_per_step"] is not None:
+            assert r["tokens_per_step"] >= 1.0
+        if r["acceptance_rate"] is not None:
+            assert 0.0 <= r["acceptance_rate"] <= 1.0
+    for name in ("medusa-k3", "typical-t0.7", "sample-t0.7"):  # drafts were proposed, so a rate exists
+        assert rows[name]["acceptance_rate"] is not None
+    assert rows["ar"]["tokens_per_step"] == 1.0 and rows["ar"]["acceptance_rate"] is None
+    assert json.loads((out / "bench.json").read_text())["rows"] == record["rows"]
+
+
+def test_greedy_medusa_answers_equal_autoregressive_token_for_token(run):
+    record, _, _ = run
+    ar, medusa = record["outputs"]["ar"], record["outputs"]["medusa-k3"]
+    assert len(ar) == 2 and all(len(q) == 2 for q in ar)  # --limit 2, both turns
+    assert [[t["tokens"] for t in q] for q in medusa] == [[t["tokens"] for t in q] for q in ar]
+    assert all(0 < len(t["tokens"]) <= 16 for q in ar for t in q)
+    assert {r["method"]: r["identical_to_ar"] for r in record["rows"]}["medusa-k3"] == 1.0
+
+
+def test_trees_categories_and_head_accuracy_are_recorded(run):
+    record, _, _ = run
+    tree = record["trees"]["medusa-k3"]
+    assert tree["nodes"] == len(tree["paths"]) + 1 and max(len(p) for p in tree["paths"]) <= 3
+    assert record["trees"]["ar"]["paths"] == []
+    assert set(record["category_speedup"]["speedup"]) == {"writing", "math"}
+    acc = record["head_accuracy"]
+    top1, top5 = np.array(acc["top1"]), np.array(acc["top5"])
+    assert top1.shape == (5,) and np.all((0 <= top1) & (top1 <= top5) & (top5 <= 1))
+    assert {"platform", "cpu", "device", "versions", "date", "git_commit"} <= set(record["machine"])
+
+
+def test_markdown_table_printed_and_plots_are_pngs(run):
+    record, printed, out = run
+    assert "| method | tokens/s | latency per token (ms) | speedup vs autoregressive |" in printed
+    for r in record["rows"]:
+        assert f"| {r['method']} |" in printed
+    assert (out / "bench.md").read_text().strip() in printed
+    names = {"speedup_vs_k.png", "head_accuracy.png", "category_speedup.png"}
+    assert {p.split("/")[-1] for p in record["plots"]} == names
+    import matplotlib.image
+
+    for name in names:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert matplotlib.image.imread(out / name).shape[0] > 100  # decodes to a real image
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--questions", "/nonexistent/q.jsonl"], "does not exist"),
+    (["--limit", "0"], "--limit must be a positive integer"),
+    (["--methods", "ar,medusa-fast"], "unknown method 'medusa-fast'"),
+])
+def test_bad_input_is_one_error_line(argv, message, capsys, questions_file):
+    if "--questions" not in argv:
+        argv = argv + ["--questions", str(questions_file)]
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--model", "tiny"] + argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_malformed_question_file(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"turns": ["ok"]}\nnot json\n')
+    with pytest.raises(MedusaError, match=r"q.jsonl:2: not a FastChat question"):
+        bench.read_questions(path, None)
+    assert bench.read_questions(path, 1)[0].turns == ("ok",)
+
+
+def test_gpu_script_smoke_on_cpu(tmp_path, capsys):
+    """bench/gpu_7b.py end to end on the tiny shape: every section runs and reports consistent numbers."""
+    from bench import gpu_7b
+
+    res = gpu_7b.main(["--config", "tiny", "--dtype", "float32", "--bw-mib", "8", "--prompt-len", "48",
+                       "--capacity", "16", "--nodes", "6", "--decode-steps", "3", "--repeats", "1", "--hf-cpu",
+                       "--hf-tokens", "4", "--seq-len", "32", "--max-batch", "1", "--train-steps", "1",
+                       "--out", str(tmp_path)])
+    assert res["errors"] == {}
+    bw, dec, hf, tr = (res[k] for k in gpu_7b.SECTIONS)
+    assert bw["bandwidth_Bps"] > 0 and bw["floor_ms"] == pytest.approx(1e3 * bw["weight_bytes"] / bw["bandwidth_Bps"])
+    assert dec["ar"]["nodes"] == 1 and dec["ar"]["step_ms"] > 0
+    (tree,) = dec["trees"]
+    assert tree["nodes"] == 6 == len(tree["paths"]) + 1 and tree["vs_ar"] == pytest.approx(
+        tree["step_ms"] / dec["ar"]["step_ms"])
+    assert hf["device"] == "cpu" and hf["tokens_per_s"] > 0
+    (row,) = tr["batches"]
+    assert row["batch"] == 1 and row["tokens_per_s"] > 0 and np.isfinite(row["loss"])
+    assert json.loads((tmp_path / "gpu_7b.json").read_text())["config"] == "tiny"
+    assert "| our tree step, 6 nodes |" in capsys.readouterr().out
+
+
+def test_train_flops_count_base_forward_and_heads():
+    from bench import gpu_train
+    from medusa_jax.config import HeadsConfig, vicuna_7b
+
+    cfg, hc = vicuna_7b(), HeadsConfig(num_heads=4)
+    flops, with_attention = gpu_train.train_flops(cfg, hc, tokens=2048, seq_len=2048)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    layers = cfg.num_layers * (4 * h * h + 3 * h * i + 2 * h)  # attention, SwiGLU, two norms (MHA: 32 kv heads)
+    heads = 4 * (6 * 4096 ** 2 + 4 * 4096 * 32000) * 2048
+    assert flops == 2 * layers * 2048 + heads and with_attention > flops
+    assert gpu_train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu_train.peak_flops("cpu") is None
