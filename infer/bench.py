@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from infer import bench_report
+from infer import bench_report, tune_tree
 from infer.api import DEFAULT_TREE, default_stop_ids, generate_ids
 from infer.heads_eval import head_accuracy, topk_table
 from medusa_jax import chat, model
@@ -163,9 +163,28 @@ def default_tree(k: int) -> list[tuple[int, ...]]:
     return paths + [(0,) * d for d in range(depth + 1, k + 1)]
 
 
-def method_bundle(bundle: Bundle, method: Method) -> tuple[Bundle | None, list, str]:
+def tuning_record(heads: str | None, source: str | None) -> dict | None:
+    """The tree tuner's record (`tree.json`) beside the heads in use, if there is one."""
+    from medusa_jax.loading import DEFAULT_HEADS_DIR
+
+    if heads:
+        folder = Path(heads) if Path(heads).is_dir() else Path(heads).parent
+    elif source is None:
+        folder = Path(DEFAULT_HEADS_DIR)
+    else:
+        return None
+    path = folder / "tree.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def method_bundle(bundle: Bundle, method: Method, record: dict | None = None) -> tuple[Bundle | None, list, str]:
     """(bundle to decode with, tree paths, where the tree came from) for `method`; bundle None = skipped, the
-    third item then says why."""
+    third item then says why.
+
+    The tree of a Medusa row with k heads is the best tree of at least one draft node that k heads can serve,
+    chosen from the tuner's record (its per-rank head accuracy and its step-time curve on the tuning machine);
+    without a record, the bundle's tree when k heads serve it, else `default_tree(k)`.
+    """
     if method.mode == "ar":
         return bundle, [], "none (plain decoding)"
     if bundle.heads is None:
@@ -174,8 +193,10 @@ def method_bundle(bundle: Bundle, method: Method) -> tuple[Bundle | None, list, 
     k = have if method.k is None else method.k
     if k > have:
         return None, [], f"skipped: the heads have {have} heads, fewer than {k}"
-    if bundle.tree is not None and max((len(p) for p in bundle.tree), default=0) <= k:
-        # the tuned tree is the best tree known for these heads, and k heads serve it
+    tuned = tune_tree.best_tree(record, k) if record else None
+    if tuned:
+        paths, where = [tuple(p) for p in tuned], f"best tree for {k} heads from tree.json (tuner's accuracy + step-time curve)"
+    elif bundle.tree and max(len(p) for p in bundle.tree) <= k:
         paths, where = [tuple(p) for p in bundle.tree], "tree.json (tuned for these heads)"
     else:
         paths, where = default_tree(k), f"default_tree({k})"
@@ -320,6 +341,7 @@ def bench(args: argparse.Namespace) -> dict:
     questions = read_questions(args.questions, args.limit)
     t_start = time.time()
     bundle = load_model(args.model, args.heads)
+    record = tuning_record(args.heads, args.model)
     notes: dict[str, str] = {}
 
     accuracy = None
@@ -334,7 +356,7 @@ def bench(args: argparse.Namespace) -> dict:
             hf_model, note = bench_hf.load_torch_model(bundle, args.torch_threads)
             plans.append((m, bundle if hf_model is not None else None, [], note, hf_model))
         else:
-            mb, paths, where = method_bundle(bundle, m)
+            mb, paths, where = method_bundle(bundle, m, record)
             plans.append((m, mb, paths, where, None))
     for m, mb, _, note, _ in plans:
         if mb is None or m.mode == "hf":  # why a row is missing; how the transformers peer ran

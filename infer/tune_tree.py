@@ -76,11 +76,14 @@ def step_time(params: Bundle, paths: Sequence[tuple[int, ...]], prompt: list[int
     return best
 
 
-def choose_tree(accuracy: np.ndarray, step_s: dict[int, float], max_nodes: int) -> tuple[int, list, list[dict]]:
-    """Picks the tree size with the best predicted tokens/s.
+def choose_tree(accuracy: np.ndarray, step_s: dict[int, float], max_nodes: int,
+                min_nodes: int = 0) -> tuple[int, list, list[dict]]:
+    """Picks the tree size (at least `min_nodes` draft nodes) with the best predicted tokens/s.
 
     Step times between measured sizes are interpolated linearly. Returns (size, paths, table rows).
     """
+    heads, ranks = accuracy.shape
+    max_nodes = min(max_nodes, sum(ranks ** d for d in range(1, heads + 1)))  # every node the heads can draft
     trees = [[]] + grow_tree_sequence(accuracy, max_nodes)
     sizes = sorted(step_s)
     rows = []
@@ -91,8 +94,19 @@ def choose_tree(accuracy: np.ndarray, step_s: dict[int, float], max_nodes: int) 
         tokens = 1.0 + (expected_accept_length(paths, accuracy) if paths else 0.0)
         rows.append({"nodes": n, "step_ms": 1e3 * t, "expected_tokens_per_step": tokens,
                      "predicted_tokens_per_s": tokens / t, "measured": n in step_s})
-    best = max(rows, key=lambda r: r["predicted_tokens_per_s"])
+    best = max((r for r in rows if r["nodes"] >= min_nodes), key=lambda r: r["predicted_tokens_per_s"])
     return best["nodes"], [list(p) for p in trees[best["nodes"]]], rows
+
+
+def best_tree(record: dict, num_heads: int, min_nodes: int = 1) -> list | None:
+    """From a saved tuning record (tree.json): the tree with the best predicted tokens/s that uses only the first
+    `num_heads` heads and has at least `min_nodes` draft nodes (1: a real Medusa tree even where plain decoding
+    is predicted faster). None when the record predates the per-rank accuracy it needs."""
+    if "accuracy_ranks" not in record or not record.get("curve"):
+        return None
+    accuracy = np.asarray(record["accuracy_ranks"], np.float64)[:num_heads]
+    step_s = {r["nodes"]: r["step_ms"] / 1e3 for r in record["curve"] if r["measured"]}
+    return choose_tree(accuracy, step_s, max(step_s), min_nodes)[1]
 
 
 def measure_speed(params: Bundle, prompts: list[list[int]], paths: list, max_new_tokens: int) -> dict:
@@ -122,7 +136,8 @@ def tune(params: Bundle, prompts: list[list[int]], *, sizes=DEFAULT_SIZES, max_n
     best = measure_speed(params, prompts, paths, max_new_tokens)
     return {
         "tree": paths, "num_nodes": size + 1, "num_heads": num_heads,
-        "accuracy": topk_table(accuracy), "accuracy_positions": count,
+        "accuracy": topk_table(accuracy), "accuracy_ranks": np.round(accuracy, 5).tolist(),
+        "accuracy_positions": count,
         "curve": rows, "measured_ar": ar, "measured_tree": best,
         "speedup": best["tokens_per_s"] / ar["tokens_per_s"],
         "machine": machine_description(), "date": datetime.date.today().isoformat(),

@@ -25,3 +25,19 @@ def test_expensive_steps_fall_back_to_plain_decoding():
 def test_step_time_is_interpolated_between_measured_sizes():
     _, _, rows = choose_tree(ACC, {0: 0.010, 4: 0.020}, max_nodes=4)
     assert np.isclose(rows[2]["step_ms"], 15.0)
+
+
+def test_best_tree_from_a_record_uses_only_the_first_k_heads_and_drafts():
+    """The benchmark's per-k tree: from a record whose step curve prefers plain decoding, still a real tree
+    (>= 1 draft node) using only heads < k, and the best such tree by predicted tokens/s."""
+    from infer.tune_tree import best_tree
+
+    steps = {0: 0.01, 1: 0.03, 8: 0.05}
+    record = {"accuracy_ranks": ACC.tolist(),
+              "curve": [{"nodes": n, "step_ms": 1e3 * t, "measured": True} for n, t in steps.items()]}
+    for k in (1, 2, 3):
+        paths = best_tree(record, k)
+        assert paths and max(len(p) for p in paths) <= k
+        want = choose_tree(ACC[:k], steps, max_nodes=8, min_nodes=1)[1]
+        assert paths == want
+    assert best_tree({"tree": [[0]]}, 2) is None  # an old record without per-rank accuracy
