@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from medusa_jax.errors import MedusaError
 from train import distill as DI
@@ -76,8 +76,13 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: Mapping[str, Any], de
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, defaults: Mapping[str, Any],
-                 fixed_on_resume: Sequence[str]) -> tuple[argparse.Namespace, dict | None]:
-    """(args namespace with defaults filled, resume checkpoint meta or None)."""
+                 fixed_on_resume: Sequence[str], inherit: Callable[[dict], dict] | None = None
+                 ) -> tuple[argparse.Namespace, dict | None]:
+    """(args namespace with defaults filled, resume checkpoint meta or None).
+
+    `inherit(given flags) -> settings` (new runs only) supplies values between the defaults and the given flags,
+    e.g. stage 2 taking the data and shapes of the stage-1 run it continues.
+    """
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     resume = given.pop("resume", None)
     meta = None
@@ -99,6 +104,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, de
                   file=sys.stderr)
             saved = {**saved, "steps": None, "epochs": None}
         given = {**saved, **given, "out": run_dir}
+    elif inherit is not None:
+        given = {**inherit(given), **given}
     args = argparse.Namespace(**{**defaults, **given})
     if args.model == "tiny" and args.data:
         raise MedusaError("--model tiny has no tokenizer, so it cannot read --data; drop --data (tiny trains on "
