@@ -85,7 +85,8 @@ def frozen_hidden(config: LlamaConfig, base: Any, batch: dict, remat: bool = Fal
 
 
 def joint_loss(cfg: JointLossConfig, config: LlamaConfig, hc: HeadsConfig, params: dict, teacher: Any,
-               batch: dict, step: jax.Array, compute_dtype: Any) -> tuple[jax.Array, JointStats]:
+               batch: dict, step: jax.Array, compute_dtype: Any, constrain: Any = None
+               ) -> tuple[jax.Array, JointStats]:
     """The stage-2 loss of one batch.
 
     Args:
@@ -94,10 +95,14 @@ def joint_loss(cfg: JointLossConfig, config: LlamaConfig, hc: HeadsConfig, param
       batch: tokens, loss_mask, segment_ids, positions [B, S]; optionally "teacher_hidden" [B, S, H] (cached
         states of the original base; computed here otherwise).
       step: steps already taken (for the lambda0 warm-up).
+      constrain: optional params-tree -> params-tree layout pin (`Sharded.constrain`) for the compute-dtype copy
+        of the base, so that a sharded master is cast where it lies and gathered in the (smaller) compute dtype.
     Returns:
       (loss, JointStats sums over the batch).
     """
     base = jax.tree.map(lambda p: p.astype(compute_dtype), params["base"])
+    if constrain is not None:
+        base = constrain(base)
     hidden = frozen_hidden(config, base, batch, cfg.remat)  # [B, S, H], differentiable here
     if "teacher_hidden" in batch:
         t_hidden = batch["teacher_hidden"].astype(compute_dtype)

@@ -74,7 +74,8 @@ def stage2_step(config, hc: HeadsConfig, devices: int, rows_per_device: int, seq
     lcfg = joint.JointLossConfig(chunk=chunk, remat=remat)
 
     def loss_fn(params, frozen, batch, rng, axis_name, step=0):
-        return joint.joint_loss(lcfg, config, hc, params, frozen, batch, step, jnp.bfloat16)
+        return joint.joint_loss(lcfg, config, hc, params, frozen, batch, step, jnp.bfloat16,
+                                constrain=sh.constrain)
 
     step = sh.compile_step(loop.make_train_step(loss_fn, optimizer, with_step=True), state, teacher)
     t0 = time.monotonic()

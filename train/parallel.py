@@ -273,6 +273,10 @@ class Sharded:
     def shardings(self, tree: Any) -> Any:
         return tree_shardings(tree, self.mesh, self.rules)
 
+    def constrain(self, tree: Any) -> Any:
+        """Pins a params-like tree inside a jitted function to the rules' layout."""
+        return jax.lax.with_sharding_constraint(tree, self.shardings(tree))
+
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, logical_spec("batch", rules=self.rules))
 
