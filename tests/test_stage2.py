@@ -142,13 +142,15 @@ SCRIPT = textwrap.dedent("""
     common = ["--model", "tiny", "--seq-len", "32", "--batch-size", "8", "--steps", "3", "--lr", "1e-2",
               "--accept-prompts", "0", "--guard-prompts", "0", "--no-progress", "--holdout", "0", "--log-every", "1",
               "--base-loss", "ce"]
-    runs = {"single": ["--devices", "1"], "fsdp8": ["--fsdp", "8"]}
+    runs = {"single": ["--devices", "1"], "fsdp8": ["--fsdp", "8"],
+            "fsdp4_tensor2_layer_scan": ["--fsdp", "4", "--tensor", "2", "--remat"]}
     params, losses = {}, {}
     for name, extra in runs.items():
         args, meta = stage2.resolve_args(common + extra + ["--out", f"{out}/{name}"])
         s = stage2.train(args, meta)
         params[name] = s["params"]
-        losses[name] = [r[k] for r in map(json.loads, open(f"{out}/{name}/metrics.jsonl")) for k in ("loss", "grad_norm")]
+        records = map(json.loads, open(f"{out}/{name}/metrics.jsonl"))
+        losses[name] = [r[k] for r in records for k in ("loss", "grad_norm")]
     ref = params["single"]
     diffs = {n: max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
                     zip(jax.tree.leaves(ref), jax.tree.leaves(p))) for n, p in params.items()}
@@ -167,6 +169,30 @@ def test_sharded_runs_match_one_device(tmp_path):
         np.testing.assert_allclose(values, result["losses"]["single"], rtol=1e-4, err_msg=name)
     for name, diff in result["diffs"].items():
         assert diff < 1e-4, result["diffs"]
+
+
+def test_layer_scan_forward_equals_the_model():
+    from train import layerwise
+
+    bundle = medusa_jax.load("tiny")
+    ds = synthetic_dataset(bundle.config.vocab_size, 2, 32, seed=1)
+    tokens, positions = jnp.asarray(ds.tokens), jnp.asarray(ds.positions)
+    mask = joint.losses.attention_mask(jnp.asarray(ds.segment_ids))
+
+    def hidden(base, scan):
+        if scan:
+            return layerwise.forward(bundle.config, base, tokens, positions, mask, remat=True)
+        return model.forward(bundle.config, base, tokens, positions, mask)[0]
+
+    @jax.jit
+    def value_and_grads(base):
+        loss = lambda b, scan: jnp.sum(jnp.sin(hidden(b, scan)))
+        return [jax.value_and_grad(loss)(base, scan) for scan in (False, True)]
+
+    (v_ref, g_ref), (v_got, g_got) = value_and_grads(bundle.base)
+    np.testing.assert_allclose(v_got, v_ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_got)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(a).max()) + 1e-6)
 
 
 def test_parameters_are_sharded_over_fsdp():

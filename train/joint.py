@@ -29,7 +29,7 @@ from flax import struct
 from medusa_jax import model
 from medusa_jax.config import HeadsConfig, LlamaConfig
 from medusa_jax.errors import MedusaError
-from train import losses
+from train import layerwise, losses
 from train.loop import OptimConfig, lr_schedule
 
 LAMBDA0_WARMUPS = ("constant", "linear", "sine")
@@ -77,15 +77,21 @@ def lambda0_at(cfg: JointLossConfig, step: jax.Array) -> jax.Array:
     return cfg.lambda0 * factor
 
 
-def frozen_hidden(config: LlamaConfig, base: Any, batch: dict, remat: bool = False) -> jax.Array:
-    """Post-final-norm hidden states [B, S, H] of packed rows (causal within each conversation)."""
+def frozen_hidden(config: LlamaConfig, base: Any, batch: dict, remat: bool = False, sharded: Any = None
+                  ) -> jax.Array:
+    """Post-final-norm hidden states [B, S, H] of packed rows (causal within each conversation); with `sharded`
+    (a `train.parallel.Sharded`), as a scan over the layers, each layer's weights gathered at its use
+    (`train.layerwise`)."""
     mask = losses.attention_mask(batch["segment_ids"])  # [B, S, S]
+    if sharded is not None:
+        return layerwise.forward(config, base, batch["tokens"], batch["positions"], mask, gather=sharded.gather,
+                                 stacked=sharded.constrain_stacked, remat=remat)
     hidden, _ = model.forward(config, base, batch["tokens"], batch["positions"], mask, remat=remat)
     return hidden
 
 
 def joint_loss(cfg: JointLossConfig, config: LlamaConfig, hc: HeadsConfig, params: dict, teacher: Any,
-               batch: dict, step: jax.Array, compute_dtype: Any, constrain: Any = None
+               batch: dict, step: jax.Array, compute_dtype: Any, sharded: Any = None, layerwise_fsdp: bool = False
                ) -> tuple[jax.Array, JointStats]:
     """The stage-2 loss of one batch.
 
@@ -95,19 +101,22 @@ def joint_loss(cfg: JointLossConfig, config: LlamaConfig, hc: HeadsConfig, param
       batch: tokens, loss_mask, segment_ids, positions [B, S]; optionally "teacher_hidden" [B, S, H] (cached
         states of the original base; computed here otherwise).
       step: steps already taken (for the lambda0 warm-up).
-      constrain: optional params-tree -> params-tree layout pin (`Sharded.constrain`) for the compute-dtype copy
-        of the base, so that a sharded master is cast where it lies and gathered in the (smaller) compute dtype.
+      sharded: the `train.parallel.Sharded` runner, or None. Its layout is pinned on the compute-dtype copy of
+        the base, so that a sharded master is cast where it lies and gathered in the (smaller) compute dtype.
+      layerwise_fsdp: with `sharded`, run both forwards as a scan over the layers that gathers one layer's
+        weights at a time (`train.layerwise`; what makes a 7B step fit, see `train.memory`).
     Returns:
       (loss, JointStats sums over the batch).
     """
     base = jax.tree.map(lambda p: p.astype(compute_dtype), params["base"])
-    if constrain is not None:
-        base = constrain(base)
-    hidden = frozen_hidden(config, base, batch, cfg.remat)  # [B, S, H], differentiable here
+    if sharded is not None:
+        base = sharded.constrain(base)
+    per_layer = sharded if layerwise_fsdp else None
+    hidden = frozen_hidden(config, base, batch, cfg.remat, per_layer)  # [B, S, H], differentiable here
     if "teacher_hidden" in batch:
         t_hidden = batch["teacher_hidden"].astype(compute_dtype)
     else:
-        t_hidden = jax.lax.stop_gradient(frozen_hidden(config, teacher, batch))
+        t_hidden = jax.lax.stop_gradient(frozen_hidden(config, teacher, batch, sharded=per_layer))
     labels, label_valid = losses.next_token_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
     base_stats = losses.base_terms(hidden, model.lm_head_kernel(config, base), t_hidden,
                                    model.lm_head_kernel(config, teacher).astype(compute_dtype), labels,

@@ -9,8 +9,9 @@ per-device figures come from the compiled executable's `memory_analysis()` (argu
 aliased = donated state reused for the outputs). Peak = arguments + outputs - aliased + temporaries.
 
   stage 2: float32 master base + heads and their AdamW moments, sharded over 8 devices (fsdp=8), the frozen
-    original base in bfloat16 (the KL teacher, also sharded), bfloat16 compute, each decoder layer rematerialised,
-    batch 1 row of 2048 tokens per device, the teacher forward inside the step.
+    original base in bfloat16 (the KL teacher, also sharded), bfloat16 compute, the layers as a scan that gathers
+    one layer's weights at a time (`train.layerwise`) and rematerialises it, batch 1 row of 2048 tokens per
+    device, the teacher forward inside the step.
   stage 1: one device, the frozen base in bfloat16, float32 heads and their AdamW moments, the base forward
     inside the step (no host cache), batch 4 rows of 2048 tokens.
 CPU compilation is only a proxy for a GPU's (fusion and scheduling differ), so treat the figures as estimates.
@@ -65,7 +66,7 @@ def figures(compiled) -> dict:
 
 
 def stage2_step(config, hc: HeadsConfig, devices: int, rows_per_device: int, seq_len: int, remat: bool,
-                chunk: int) -> dict:
+                chunk: int, layerwise: bool = True) -> dict:
     sh = Sharded.create(devices, fsdp=devices)
     base, heads = abstract_models(config, hc, jnp.float32)
     teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), base)
@@ -75,7 +76,7 @@ def stage2_step(config, hc: HeadsConfig, devices: int, rows_per_device: int, seq
 
     def loss_fn(params, frozen, batch, rng, axis_name, step=0):
         return joint.joint_loss(lcfg, config, hc, params, frozen, batch, step, jnp.bfloat16,
-                                constrain=sh.constrain)
+                                sharded=sh, layerwise_fsdp=layerwise)
 
     step = sh.compile_step(loop.make_train_step(loss_fn, optimizer, with_step=True), state, teacher)
     t0 = time.monotonic()
@@ -121,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rows-per-device", type=int, default=1, help="stage-2 rows per device (default 1)")
     p.add_argument("--stage1-rows", type=int, default=4, help="stage-1 rows on its one device (default 4)")
     p.add_argument("--no-remat", dest="remat", action="store_false", help="keep all layer activations")
+    p.add_argument("--unrolled", dest="layerwise", action="store_false", help="stage 2 through the unrolled "
+                   "model.forward instead of the layer scan of train.layerwise")
     p.add_argument("--chunk", type=int, default=256, help="sequence chunk of the vocabulary losses")
     p.add_argument("--only", choices=("stage1", "stage2"), help="measure one stage only")
     args = p.parse_args(argv)
@@ -134,11 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"{config.name} ({config.num_layers} layers), {hc.num_heads} heads {hc.projection}, seq {args.seq_len}"
     rows = []
     if args.only in (None, "stage2"):
-        f = stage2_step(config, hc, args.devices, args.rows_per_device, args.seq_len, args.remat, args.chunk)
+        f = stage2_step(config, hc, args.devices, args.rows_per_device, args.seq_len, args.remat, args.chunk,
+                        args.layerwise)
         print(f"stage 2: {f['params'] / 1e9:.2f} B trained parameters; state (f32 params + AdamW moments) "
               f"{f['state_gb_total']:.1f} GB in all", file=sys.stderr)
         rows.append((f"stage 2, {args.devices} devices fsdp, {args.rows_per_device} row/device, "
-                     f"remat {'on' if args.remat else 'off'}", f))
+                     f"remat {'on' if args.remat else 'off'}, {'layer scan' if args.layerwise else 'unrolled'}", f))
     if args.only in (None, "stage1"):
         rows.append((f"stage 1, 1 device, bf16 frozen base, {args.stage1_rows} rows",
                      stage1_step(config, hc, args.stage1_rows, args.seq_len, args.chunk)))

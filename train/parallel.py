@@ -277,6 +277,18 @@ class Sharded:
         """Pins a params-like tree inside a jitted function to the rules' layout."""
         return jax.lax.with_sharding_constraint(tree, self.shardings(tree))
 
+    def gather(self, tree: Any) -> Any:
+        """Pins a params-like tree inside a jitted function to its layout without the fsdp split (the
+        all-gather of FSDP; a tensor split stays)."""
+        rules = tuple((name, None if axis == FSDP_AXIS else axis) for name, axis in self.rules)
+        return jax.lax.with_sharding_constraint(tree, tree_shardings(tree, self.mesh, rules))
+
+    def constrain_stacked(self, tree: Any) -> Any:
+        """`constrain` for params stacked on a new leading (layer) axis, which stays whole."""
+        one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tree)
+        return jax.lax.with_sharding_constraint(tree, jax.tree.map(
+            lambda s: NamedSharding(self.mesh, PartitionSpec(None, *s.spec)), self.shardings(one)))
+
     def batch_sharding(self) -> NamedSharding:
         return NamedSharding(self.mesh, logical_spec("batch", rules=self.rules))
 

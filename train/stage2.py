@@ -1,6 +1,6 @@
 """Stage 2 (Medusa-2): fine-tune the base model and the Medusa heads together.
 
-    python -m train.stage2                      # embedded SmolLM2: continue its stage-1 run (~15 min, 2 CPUs)
+    python -m train.stage2                      # embedded SmolLM2: continue its stage-1 run (one epoch, 10 steps)
     python -m train.stage2 --model tiny --steps 20 --seq-len 64 --lr 1e-3    # seconds: random model and heads
     python -m train.stage2 --from checkpoints/stage1-... --epochs 2 --out checkpoints/mine
     python -m train.stage2 --resume checkpoints/mine                          # continue from the latest checkpoint
@@ -49,7 +49,9 @@ from train.run_data import data_summary, load_bundle, prepare_data
 DEFAULTS = dict(cli_common.COMMON_DEFAULTS, lr=1e-5, from_run=None, head_lr_mult=4.0, weight_decay=0.0,
                 lambda0=0.2, lambda0_warmup="constant", lambda0_ramp=1.0, base_loss="auto", max_kl=0.05,
                 fsdp=None, tensor=1, remat=False, guard_prompts=4, guard_tokens=64, keep=2, epochs=None)
-DEFAULT_EPOCHS = 1  # the embedded default: 10 steps of 4 x 512 tokens, ~50-140 s each on 2 shared CPU cores
+# The embedded default: 10 steps of 4 x 512 tokens. Measured 140 s per step on 2 CPU cores shared with other jobs
+# (load average 8); on idle cores the whole run should take about 15 minutes.
+DEFAULT_EPOCHS = 1
 FIXED_ON_RESUME = cli_common.COMMON_FIXED_ON_RESUME + ("from_run", "base_loss")
 INHERITED = ("model", "data", "seq_len", "seed", "holdout", "distill_prompts", "distill_tokens", "lambda_decay")
 
@@ -133,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
       "(default 0.05)")
     a("--fsdp", type=int, help="devices parameters are sharded over (default: all devices / --tensor)")
     a("--tensor", type=int, help="tensor-parallel devices (default 1)")
-    a("--remat", action="store_const", const=True, help="recompute each decoder layer in the backward pass "
-      "(long sequences)")
+    a("--remat", action="store_const", const=True, help="large models / long sequences: run the layers as a scan "
+      "that gathers one layer's weights at a time and recompute each layer in the backward pass")
     a("--guard-prompts", type=int, help="held-out prompts the original answers greedily for the quality guard, "
       "0 = skip (default 4)")
     a("--guard-tokens", type=int, help="tokens per guard answer (default 64)")
@@ -217,7 +219,8 @@ def train(args, meta: dict | None = None) -> dict:
 
     def loss_fn(params, frozen, batch, rng, axis_name, step=0):
         del rng, axis_name  # deterministic; sharded jit sees the global batch
-        return joint.joint_loss(lcfg, config, hc, params, frozen, batch, step, bundle.dtype, constrain=sh.constrain)
+        return joint.joint_loss(lcfg, config, hc, params, frozen, batch, step, bundle.dtype, sharded=sh,
+                                layerwise_fsdp=bool(args.remat))
 
     def eval_fn(params, frozen, batch, *, axis_name=None):
         return loss_fn(params, frozen, batch, None, axis_name, total_steps)[1]
