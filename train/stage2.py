@@ -246,7 +246,8 @@ def train(args, meta: dict | None = None) -> dict:
     guard_prompts = prompts[: args.guard_prompts]
     t0 = time.monotonic()
     answers = quality.greedy_answers(bundle, guard_prompts, args.guard_tokens) if guard_prompts else []
-    before_held = held_out(state.params) if start_step == 0 else None
+    # The starting point (original base, stage-1 heads), also when resuming; a copy, as the step donates state.
+    before_held = held_out(sh.place(jax.tree.map(np.array, {"base": teacher, "heads": heads})))
     before = quality.guard_figures(before_held and before_held["base"],
                                    quality.answer_perplexity(config, teacher, guard_prompts, answers))
     times["guard_s"] = time.monotonic() - t0
