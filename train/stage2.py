@@ -49,8 +49,8 @@ from train.run_data import data_summary, load_bundle, prepare_data
 DEFAULTS = dict(cli_common.COMMON_DEFAULTS, lr=1e-5, from_run=None, head_lr_mult=4.0, weight_decay=0.0,
                 lambda0=0.2, lambda0_warmup="constant", lambda0_ramp=1.0, base_loss="auto", max_kl=0.05,
                 fsdp=None, tensor=1, remat=False, guard_prompts=4, guard_tokens=64, keep=2, epochs=None)
-# The embedded default: 10 steps of 4 x 512 tokens. Measured 140 s per step on 2 CPU cores shared with other jobs
-# (load average 8); on idle cores the whole run should take about 15 minutes.
+# The embedded default: 10 steps of 4 x 512 tokens. Measured on 2 CPU cores shared with other jobs: 82 s per step
+# at load average 5 (140 s at 8), plus about 3 minutes of teacher cache, guard, evaluation and decoding: ~15-18 min.
 DEFAULT_EPOCHS = 1
 FIXED_ON_RESUME = cli_common.COMMON_FIXED_ON_RESUME + ("from_run", "base_loss")
 INHERITED = ("model", "data", "seq_len", "seed", "holdout", "distill_prompts", "distill_tokens", "lambda_decay")
