@@ -74,32 +74,42 @@ def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, opta
     if cfg.lr <= 0 or cfg.total_steps < 1 or not 0 <= cfg.warmup_fraction < 1:
         raise MedusaError(f"bad optimizer settings lr={cfg.lr}, steps={cfg.total_steps}, "
                           f"warmup={cfg.warmup_fraction}; use lr > 0, steps >= 1, 0 <= warmup < 1")
-    warmup = int(round(cfg.warmup_fraction * cfg.total_steps))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup_steps=warmup,
-                                                  decay_steps=max(cfg.total_steps, warmup + 1), end_value=0.0)
+    schedule = lr_schedule(cfg)
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
     return optax.chain(*chain), schedule
 
 
+def lr_schedule(cfg: OptimConfig, peak: float | None = None) -> optax.Schedule:
+    """Linear warmup from 0 over `warmup_fraction` of the steps, then cosine decay to 0; peak defaults to cfg.lr."""
+    warmup = int(round(cfg.warmup_fraction * cfg.total_steps))
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr if peak is None else peak, warmup_steps=warmup,
+                                              decay_steps=max(cfg.total_steps, warmup + 1), end_value=0.0)
+
+
 LossFn = Callable[..., tuple[jax.Array, Any]]
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Callable:
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, with_step: bool = False) -> Callable:
     """The per-device training step, for `DataParallel.compile_step`.
 
     `loss_fn(params, frozen, batch, rng, axis_name) -> (loss, aux)` where aux is a pytree of *sums* over the
     local batch (combined across devices here by psum). Under pmap (`axis_name` set) the loss must be scaled so
     that the mean of the per-device gradients is the gradient of the global loss (see `losses.medusa_loss`).
 
+    With `with_step`, loss_fn also gets `step=state.step` (int32 [], steps already taken; e.g. for a loss-weight
+    warm-up).
+
     Returns step(state, frozen, batch, *, axis_name) -> (state, metrics) with metrics {loss, finite, grad_norm,
     aux}; a non-finite loss or gradient leaves params and optimizer state unchanged.
     """
+    extra = (lambda state: {"step": state.step}) if with_step else (lambda state: {})
 
     def step(state: TrainState, frozen: Any, batch: dict, *, axis_name: str | None = None):
         rng, sub = jax.random.split(jax.random.wrap_key_data(state.rng))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, aux), grads = grad_fn(state.params, frozen, batch, jax.random.key_data(sub), axis_name)
+        (loss, aux), grads = grad_fn(state.params, frozen, batch, jax.random.key_data(sub), axis_name,
+                                     **extra(state))
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)

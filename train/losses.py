@@ -174,8 +174,8 @@ linear_cross_entropy.defvjp(_lce_fwd, _lce_bwd)
 
 def medusa_loss(heads_config: HeadsConfig, config: LlamaConfig, base: Any, heads: Any, hidden: Array,
                 tokens: Array, loss_mask: Array, segment_ids: Array, *, weights: Sequence[float],
-                compute_dtype: Any = None, chunk: int | None = None,
-                axis_name: str | None = None) -> tuple[Array, HeadStats]:
+                compute_dtype: Any = None, chunk: int | None = None, axis_name: str | None = None,
+                train_base: bool = False) -> tuple[Array, HeadStats]:
     """The stage-1 loss of all heads from post-final-norm hidden states.
 
     Args:
@@ -190,6 +190,8 @@ def medusa_loss(heads_config: HeadsConfig, config: LlamaConfig, base: Any, heads
       axis_name: under `pmap`, the device axis: the per-head means then divide by the count over all devices, and
         the loss is scaled by the device count, so that `lax.pmean` of the gradients is the gradient of the global
         masked mean (a mean of per-device means would over-weight devices with few valid targets).
+      train_base: stage 2: gradients also flow into `hidden` and, for the shared projection, into the base
+        lm_head (stage 1 treats both as constants).
     Returns:
       (loss, HeadStats) with stats summed over this call's (local) batch.
     """
@@ -197,16 +199,17 @@ def medusa_loss(heads_config: HeadsConfig, config: LlamaConfig, base: Any, heads
     if len(weights) != k_heads:
         raise ValueError(f"got {len(weights)} head weights for {k_heads} heads")
     compute_dtype = compute_dtype or jax.tree.leaves(base)[0].dtype
-    hidden = jax.lax.stop_gradient(hidden).astype(jnp.float32)
+    frozen = (lambda x: x) if train_base else jax.lax.stop_gradient
+    hidden = frozen(hidden).astype(jnp.float32)
     states = model.head_states(heads_config, config, heads, hidden)  # [B, S, K, H]
     labels, valid = head_targets(tokens, loss_mask, segment_ids, k_heads)  # [B, S, K]
     own = heads_config.projection == "own"
-    shared_kernel = None if own else jax.lax.stop_gradient(model.lm_head_kernel(config, base))  # [H, V]
+    shared_kernel = None if own else frozen(model.lm_head_kernel(config, base))  # [H, V]
     ce, top1, top5 = [], [], []
     for k in range(k_heads):
         kernel = heads["proj"][k] if own else shared_kernel
         sums = linear_cross_entropy(states[:, :, k].astype(compute_dtype), kernel.astype(compute_dtype),
-                                    labels[..., k], valid[..., k], chunk, own)
+                                    labels[..., k], valid[..., k], chunk, own or train_base)
         ce.append(sums[0]), top1.append(sums[1]), top5.append(sums[2])
     count = jnp.sum(valid, axis=(0, 1)).astype(jnp.float32)  # [K]
     stats = HeadStats(ce=jnp.stack(ce), top1=jax.lax.stop_gradient(jnp.stack(top1)),
@@ -225,3 +228,85 @@ def attention_mask(segment_ids: Array) -> Array:
     causal = jnp.tril(jnp.ones((s, s), bool))[None]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return causal & same & (segment_ids[:, None, :] > 0)
+
+
+# ------------------------------------------------------------------------------------------------ stage 2: base term
+
+
+@struct.dataclass
+class BaseStats:
+    """Sums for the base model's own next-token output (stage 2); float32 scalars, summed like HeadStats.
+
+    kl: KL(original || current) in nats, summed over the `count` real positions.
+    agree: positions where the current argmax equals the original's.
+    ce: cross-entropy of the next token, summed over the `label_count` supervised next tokens.
+    """
+
+    kl: Array
+    agree: Array
+    count: Array
+    ce: Array
+    label_count: Array
+
+    def means(self) -> dict[str, float]:
+        """Per-token KL, argmax agreement and CE as Python floats (host side)."""
+        n, m = max(float(self.count), 1.0), max(float(self.label_count), 1.0)
+        return {"kl": float(self.kl) / n, "agree": float(self.agree) / n, "ce": float(self.ce) / m,
+                "count": int(self.count), "label_count": int(self.label_count)}
+
+
+def next_token_targets(tokens: Array, loss_mask: Array, segment_ids: Array) -> tuple[Array, Array]:
+    """The base lm_head's labels (token t + 1) and validity, int32 / bool [B, S], with the same rules as the
+    heads' (supervised, inside the row, same packed conversation)."""
+    label = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).astype(jnp.int32)
+    target_mask = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1)))
+    target_segment = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)))
+    return label, target_mask & (target_segment == segment_ids) & (segment_ids > 0)
+
+
+def base_terms(hidden: Array, kernel: Array, teacher_hidden: Array, teacher_kernel: Array, labels: Array,
+               label_valid: Array, kl_valid: Array, chunk: int | None = None) -> BaseStats:
+    """KL(original || current) and next-token CE of the base output, chunked over the sequence.
+
+    Args:
+      hidden, teacher_hidden: [B, S, H] post-final-norm states of the current and the original (frozen) base.
+      kernel, teacher_kernel: [H, V] their output projections (the teacher's gets no gradient).
+      labels, label_valid: [B, S] next-token targets (`next_token_targets`).
+      kl_valid: bool [B, S] positions whose KL counts (all real tokens: the base should answer as before
+        everywhere, not only on supervised text).
+      chunk: sequence positions per chunk; each chunk's [B, chunk, V] logits are recomputed in the backward pass
+        (jax.checkpoint), so no [B, S, V] array is ever kept.
+    Returns:
+      BaseStats with differentiable `kl` and `ce` sums.
+    """
+    b, s, h = hidden.shape
+    chunk = s if chunk is None or chunk >= s else chunk
+    n = -(-s // chunk)
+    pad = n * chunk - s
+    teacher_kernel = jax.lax.stop_gradient(teacher_kernel)
+    teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
+
+    def split(x):  # [B, S, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(xs, ts, ls, lv, kv):
+        student = jax.nn.log_softmax(jnp.einsum("bch,hv->bcv", xs, kernel.astype(xs.dtype),
+                                                preferred_element_type=jnp.float32))  # [B, C, V]
+        teacher = jax.nn.log_softmax(jnp.einsum("bch,hv->bcv", ts, teacher_kernel.astype(ts.dtype),
+                                                preferred_element_type=jnp.float32))
+        kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)  # [B, C]
+        ce = -jnp.take_along_axis(student, ls[..., None], axis=-1)[..., 0]
+        agree = jnp.argmax(student, -1) == jnp.argmax(teacher, -1)
+        kw, lw = kv.astype(jnp.float32), lv.astype(jnp.float32)
+        return jnp.sum(kl * kw), jax.lax.stop_gradient(jnp.sum(agree * kw)), jnp.sum(ce * lw)
+
+    def body(carry, inp):
+        return tuple(c + x for c, x in zip(carry, one(*inp))), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (kl, agree, ce), _ = jax.lax.scan(body, (zero, zero, zero), tuple(
+        split(x) for x in (hidden, teacher_hidden, labels, label_valid, kl_valid)))
+    return BaseStats(kl=kl, agree=agree, count=jnp.sum(kl_valid).astype(jnp.float32), ce=ce,
+                     label_count=jnp.sum(label_valid).astype(jnp.float32))
