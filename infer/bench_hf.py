@@ -32,17 +32,19 @@ def load_torch_model(bundle: Bundle, threads: int | None = None) -> tuple[Any, s
     try:
         if source is not None and source.is_file() and source.suffix == ".gguf":
             net = transformers.AutoModelForCausalLM.from_pretrained(
-                str(source.parent), gguf_file=source.name, dtype=torch.float32)
+                str(source.parent), gguf_file=source.name, dtype=torch.float32, trust_remote_code=False)
             how = f"transformers GGUF loader ({source.name})"
         elif source is not None and source.is_dir():
-            net = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+            net = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32,
+                                                             trust_remote_code=False)
             how = f"transformers from {source}"
         else:
             from medusa_jax.loading import save_hf
 
             with tempfile.TemporaryDirectory() as tmp:
                 save_hf(bundle.replace(tokenizer=None), tmp)
-                net = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+                net = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
+                                                                     trust_remote_code=False)
             how = "exported with medusa_jax.loading.save_hf"
     except Exception as e:  # any reader failure only drops this row
         return None, f"skipped: the model is not loadable in transformers ({type(e).__name__}: {e})"
