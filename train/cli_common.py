@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -130,3 +131,19 @@ def init_distributed(argv: Sequence[str] | None) -> None:
         import jax
 
         jax.distributed.initialize()
+
+
+def run_cli(stage: str, argv: Sequence[str] | None, resolve_args: Callable, train: Callable,
+            format_summary: Callable) -> int:
+    """The body of `python -m train.<stage>`: resolve flags (or the resumed run's), train, print the summary;
+    an interrupted run prints how to resume and exits 0 (--stop-at) or 128 + the signal number."""
+    init_distributed(argv)
+    args, meta = resolve_args(argv)
+    summary = train(args, meta)
+    if summary["stopped"] != "done":
+        print(f"stopped at step {summary['step']} of {summary['total_steps']} ({summary['stopped']}); checkpoint in "
+              f"{summary['run_dir']}/ckpt. Continue with: python -m train.{stage} --resume {summary['run_dir']}",
+              file=sys.stderr)
+        return 0 if summary["stopped"] == "stop_at" else 128 + int(signal.Signals[summary["stopped"]])
+    print(format_summary(summary))
+    return 0

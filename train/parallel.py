@@ -128,6 +128,16 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return jax.make_mesh((n,), (DATA_AXIS,), (AxisType.Auto,), devices=devices[:n])
 
 
+def put_rows(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:
+    """Global host batch (every host holds the same) -> global arrays split by `sharding` along rows; each
+    process contributes only its own rows (`local_rows`)."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(sharding, v[local_rows(v.shape[0])], v.shape)
+    return out
+
+
 def local_rows(batch_size: int) -> slice:
     """This host's rows of a global batch (all rows on a single host)."""
     p, n = jax.process_index(), jax.process_count()
@@ -192,12 +202,7 @@ class DataParallel:
             rows = local_rows(next(iter(batch.values())).shape[0])
             return {k: self._put_stacked(np.asarray(v[rows]).reshape((n, -1) + v.shape[1:]))
                     for k, v in batch.items()}
-        sharding = NamedSharding(self.mesh, logical_spec("batch"))
-        out = {}
-        for k, v in batch.items():
-            v = np.asarray(v)
-            out[k] = jax.make_array_from_process_local_data(sharding, v[local_rows(v.shape[0])], v.shape)
-        return out
+        return put_rows(batch, NamedSharding(self.mesh, logical_spec("batch")))
 
     def gather_rows(self, x: Any) -> np.ndarray:
         """A batch-sharded result -> host numpy with the global batch axis first (single host)."""
@@ -306,12 +311,7 @@ class Sharded:
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Global host batch (every host holds the same) -> device arrays split over data x fsdp."""
-        sharding = self.batch_sharding()
-        out = {}
-        for k, v in batch.items():
-            v = np.asarray(v)
-            out[k] = jax.make_array_from_process_local_data(sharding, v[local_rows(v.shape[0])], v.shape)
-        return out
+        return put_rows(batch, self.batch_sharding())
 
     def gather_rows(self, x: Any) -> np.ndarray:
         return np.asarray(self.fetch(x))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -242,16 +241,7 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cli_common.init_distributed(argv)
-    args, meta = resolve_args(argv)
-    summary = train(args, meta)
-    if summary["stopped"] != "done":
-        print(f"stopped at step {summary['step']} of {summary['total_steps']} ({summary['stopped']}); checkpoint in "
-              f"{summary['run_dir']}/ckpt. Continue with: python -m train.stage1 --resume {summary['run_dir']}",
-              file=sys.stderr)
-        return 0 if summary["stopped"] == "stop_at" else 128 + int(signal.Signals[summary["stopped"]])
-    print(format_summary(summary))
-    return 0
+    return cli_common.run_cli("stage1", argv, resolve_args, train, format_summary)
 
 
 if __name__ == "__main__":
