@@ -4,8 +4,9 @@ compared by: method | tokens/s | latency per token | speedup vs autoregressive |
 Methods (`--methods`, comma-separated; `ar` always runs, it is the baseline):
   hf            transformers greedy `generate` on the same weights (PyTorch, this machine's CPU).
   ar            our plain autoregressive decoding (the root-only tree).
-  medusa-kK     greedy Medusa with the first K heads (K = 3, 4, 5) and a tree per K: the bundle's tuned
-                `tree.json` when K heads can serve it (depth <= K), else `default_tree(K)`.
+  medusa-kK     greedy Medusa with the first K heads (K = 3, 4, 5) and a tree per K: the best tree for K heads
+                from the tuner's `tree.json`, else `default_tree(K)`; `--tree` fixes one tree for every row
+                (to compare head sets, e.g. after stage 1 and after stage 2, on the same tree).
   typical-t0.7  typical acceptance at temperature 0.7 with all heads and the bundle's tree.
   sample-t0.7   lossless speculative sampling at temperature 0.7, likewise.
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import time
 from pathlib import Path
@@ -30,17 +30,17 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from infer import bench_report, tune_tree
-from infer.api import DEFAULT_TREE, default_stop_ids, generate_ids
+from infer import bench_report
+from infer.api import default_stop_ids, generate_ids
+from infer.bench_setup import (ALL_METHODS, Method, load_model, method_bundle, parse_method, parse_tree_option,
+                               tuning_record)
 from infer.heads_eval import head_accuracy, topk_table
-from medusa_jax import chat, model
+from medusa_jax import chat
 from medusa_jax.bundle import Bundle
-from medusa_jax.config import HeadsConfig
 from medusa_jax.errors import MedusaError, cli_errors
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_QUESTIONS = REPO.parent / "shared" / "data" / "mt_bench_questions.jsonl"
-ALL_METHODS = ("hf", "ar", "medusa-k3", "medusa-k4", "medusa-k5", "typical-t0.7", "sample-t0.7")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,37 +50,6 @@ class Question:
     question_id: Any
     category: str
     turns: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """How a benchmark row decodes: `mode` of `generate_ids` at `temperature` with the first `k` heads (None: all
-    of the bundle's heads)."""
-
-    name: str
-    mode: str
-    temperature: float = 0.0
-    k: int | None = None
-
-
-def parse_method(name: str) -> Method:
-    """Method from its row name (`ALL_METHODS`)."""
-    if name == "hf":
-        return Method("hf", "hf")
-    if name == "ar":
-        return Method("ar", "ar")
-    if name.startswith("medusa-k") and name[len("medusa-k"):].isdigit() and 1 <= int(name[len("medusa-k"):]) <= 8:
-        return Method(name, "greedy", 0.0, int(name[len("medusa-k"):]))
-    for mode in ("typical", "sample"):
-        if name.startswith(f"{mode}-t"):
-            try:
-                temperature = float(name[len(mode) + 2:])
-            except ValueError:
-                break
-            if temperature > 0:
-                return Method(name, mode, temperature)
-    raise MedusaError(f"unknown method {name!r}; use any of {', '.join(ALL_METHODS)} (medusa-kK for K in 1..8, "
-                      "typical-tT / sample-tT for a temperature T > 0)")
 
 
 def read_questions(path: str | Path | None, limit: int | None) -> list[Question]:
@@ -111,98 +80,6 @@ def read_questions(path: str | Path | None, limit: int | None) -> list[Question]
     if not out:
         raise MedusaError(f"{path} holds no questions; pass a FastChat question file")
     return out
-
-
-# ------------------------------------------------------------------------------------------------ model
-
-
-def tiny_bundle(num_heads: int = 5, seed: int = 0, perturb: float = 0.02) -> Bundle:
-    """A random `tiny` model sized to the embedded SmolLM2 tokenizer, with random shared-projection heads
-    (identity-initialised plus Gaussian noise of std `perturb`): runs in seconds, meaningless text."""
-    from medusa_jax.config import tiny
-    from medusa_jax.loading import embedded
-
-    tok = embedded.load_tokenizer(embedded.gguf_path())
-    cfg = dataclasses.replace(tiny(), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                              eos_token_ids=(tok.eos_token_id,))
-    hc = HeadsConfig(num_heads=num_heads, projection="shared")
-    base, heads = _tiny_params(cfg, hc, jax.random.PRNGKey(seed), perturb)
-    return Bundle(base=base, heads=heads, config=cfg, heads_config=hc, tokenizer=tok,
-                  source="tiny (random, SmolLM2 tokenizer)")
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _tiny_params(cfg, hc: HeadsConfig, key: jax.Array, perturb: float):
-    """One compiled initialisation (eager flax init compiles every op separately: tens of seconds)."""
-    k_base, k_heads = jax.random.split(key)
-    base = model.init_base(cfg, k_base)
-    heads = model.init_heads(hc, cfg, base)
-    leaves, treedef = jax.tree.flatten(heads)
-    keys = jax.random.split(k_heads, len(leaves))
-    heads = jax.tree.unflatten(treedef, [p + perturb * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    return base, heads
-
-
-def load_model(source: str | None, heads: str | None) -> Bundle:
-    import medusa_jax
-
-    if source == "tiny":
-        bundle = tiny_bundle()
-        return medusa_jax.loading.attach_heads(bundle, heads) if heads else bundle
-    bundle = medusa_jax.load(source, heads=heads)
-    if bundle.tokenizer is None:
-        raise MedusaError(f"{bundle.source} has no tokenizer; MT-Bench prompts need one (pass a model with a "
-                          "tokenizer, or --model tiny)")
-    return bundle
-
-
-def default_tree(k: int) -> list[tuple[int, ...]]:
-    """The decoder's small CPU tree (`DEFAULT_TREE`) cut to depth k, extended by a rank-0 chain to depth k."""
-    paths = [p for p in DEFAULT_TREE if len(p) <= k]
-    depth = max(len(p) for p in DEFAULT_TREE)
-    return paths + [(0,) * d for d in range(depth + 1, k + 1)]
-
-
-def tuning_record(heads: str | None, source: str | None) -> dict | None:
-    """The tree tuner's record (`tree.json`) beside the heads in use, if there is one."""
-    from medusa_jax.loading import DEFAULT_HEADS_DIR
-
-    if heads:
-        folder = Path(heads) if Path(heads).is_dir() else Path(heads).parent
-    elif source is None:
-        folder = Path(DEFAULT_HEADS_DIR)
-    else:
-        return None
-    path = folder / "tree.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def method_bundle(bundle: Bundle, method: Method, record: dict | None = None) -> tuple[Bundle | None, list, str]:
-    """(bundle to decode with, tree paths, where the tree came from) for `method`; bundle None = skipped, the
-    third item then says why.
-
-    The tree of a Medusa row with k heads is the best tree of at least one draft node that k heads can serve,
-    chosen from the tuner's record (its per-rank head accuracy and its step-time curve on the tuning machine);
-    without a record, the bundle's tree when k heads serve it, else `default_tree(k)`.
-    """
-    if method.mode == "ar":
-        return bundle, [], "none (plain decoding)"
-    if bundle.heads is None:
-        return None, [], "skipped: the model has no Medusa heads (pass --heads)"
-    have = bundle.heads_config.num_heads
-    k = have if method.k is None else method.k
-    if k > have:
-        return None, [], f"skipped: the heads have {have} heads, fewer than {k}"
-    tuned = tune_tree.best_tree(record, k) if record else None
-    if tuned:
-        paths, where = [tuple(p) for p in tuned], f"best tree for {k} heads from tree.json (tuner's accuracy + step-time curve)"
-    elif bundle.tree and max(len(p) for p in bundle.tree) <= k:
-        paths, where = [tuple(p) for p in bundle.tree], "tree.json (tuned for these heads)"
-    else:
-        paths, where = default_tree(k), f"default_tree({k})"
-    hc = dataclasses.replace(bundle.heads_config, num_heads=k)
-    heads = jax.tree.map(lambda p: p[:k], bundle.heads)  # every head leaf is stacked over heads on axis 0
-    return bundle.with_heads(heads, hc, None), paths, where
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -312,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
       "heads; seconds); default: the embedded SmolLM2-135M-Instruct")
     a("--heads", default=None, help="Medusa heads directory or file (default: the model's shipped heads)")
     a("--methods", default=",".join(ALL_METHODS), help=f"comma-separated (default {','.join(ALL_METHODS)})")
+    a("--tree", default=None, help="one tree for every Medusa row instead of the tuned ones: a name, chain:N, "
+      "dense:W1,W2,..., or a JSON list of paths (e.g. '[[0],[1],[0,0]]'); rows with fewer heads than its depth "
+      "are skipped")
     a("--no-hf", action="store_true", help="skip the transformers row")
     a("--torch-threads", type=int, default=None, help="torch CPU threads for the hf row (default: torch's own; "
       "use 1 when other processes load the CPU: torch's thread barriers then slow down about 10x)")
@@ -342,6 +222,7 @@ def bench(args: argparse.Namespace) -> dict:
     t_start = time.time()
     bundle = load_model(args.model, args.heads)
     record = tuning_record(args.heads, args.model)
+    fixed = parse_tree_option(args.tree, bundle)
     notes: dict[str, str] = {}
 
     accuracy = None
@@ -356,7 +237,7 @@ def bench(args: argparse.Namespace) -> dict:
             hf_model, note = bench_hf.load_torch_model(bundle, args.torch_threads)
             plans.append((m, bundle if hf_model is not None else None, [], note, hf_model))
         else:
-            mb, paths, where = method_bundle(bundle, m, record)
+            mb, paths, where = method_bundle(bundle, m, record, fixed)
             plans.append((m, mb, paths, where, None))
     for m, mb, _, note, _ in plans:
         if mb is None or m.mode == "hf":  # why a row is missing; how the transformers peer ran

@@ -8,11 +8,11 @@ Scripted: `--prompt TEXT` answers once, prints the stats line to stderr, and exi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from infer.api import generate
 from medusa_jax.errors import MedusaError, cli_errors
+from medusa_jax.tree import TreeError, resolve_tree
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,12 +45,13 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _tree(spec: str | None):
-    if spec is None or not spec.strip().startswith("["):
-        return spec
+    """The --tree text as validated paths (None: the bundle's default tree)."""
+    if spec is None:
+        return None
     try:
-        return json.loads(spec)
-    except json.JSONDecodeError as e:
-        raise MedusaError(f"--tree {spec!r} is not valid JSON ({e.msg}); write paths like [[0],[0,0],[1]]") from None
+        return resolve_tree(spec)
+    except TreeError as e:
+        raise MedusaError(f"--tree: {e}") from None
 
 
 def _stats_line(stats: dict) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import json
 from typing import Sequence, Union
 
 import numpy as np
@@ -69,13 +70,18 @@ def resolve_tree(spec: TreeSpec) -> list[Path]:
     """Turns any tree spec into a validated list of paths (tuples), in the order given.
 
     Accepted: a built-in name (see `NAMED_TREES`); "ar" or "" (no draft nodes); "chain:N"; "dense:7,6";
-    a v0.1 dense list of ints whose first entry is the root count 1 (`[1, 7, 6]`); an explicit list of paths.
-    Checks structure only; `build_tree` also checks the tree against the number of heads and top-k.
+    a v0.1 dense list of ints whose first entry is the root count 1 (`[1, 7, 6]`); an explicit list of paths;
+    either list as JSON text (a string starting with "[", as a command line passes it). Checks structure only; `build_tree` also checks the tree against the number of heads and top-k.
     """
     if isinstance(spec, str):
         s = spec.strip()
         if s in ("", "ar"):
             return []
+        if s.startswith("["):
+            try:
+                return resolve_tree(json.loads(s))
+            except json.JSONDecodeError as e:
+                raise TreeError(f"tree {spec!r} is not valid JSON ({e.msg}); write paths like [[0],[0,0],[1]]") from None
         if s in NAMED_TREES:
             return list(NAMED_TREES[s])
         kind, sep, rest = s.partition(":")

@@ -324,7 +324,7 @@ CASES: list[Case] = [
          lambda c: _chat("--model", "llama-7b", "--mode", "greedy", "--temperature", "0.7", "--prompt", "hi"),
          r"greedy", cli=True),
     Case("cli", "`infer.chat --tree '[[0], [0, 0'` (bad JSON)",
-         lambda c: _chat("--model", "llama-7b", "--tree", "[[0], [0, 0", "--prompt", "hi"), r"--tree .* not valid JSON",
+         lambda c: _chat("--model", "llama-7b", "--tree", "[[0], [0, 0", "--prompt", "hi"), r"--tree: .* not valid JSON",
          cli=True),
     Case("cli", "`infer.tune_tree --sizes 1,two`",
          lambda c: _tune("--model", "llama-7b", "--sizes", "1,two", "--out", str(c.tmp / "tree.json")), r"--sizes",

@@ -106,6 +106,9 @@ def test_markdown_table_printed_and_plots_are_pngs(run):
     (["--questions", "/nonexistent/q.jsonl"], "does not exist"),
     (["--limit", "0"], "--limit must be a positive integer"),
     (["--methods", "ar,medusa-fast"], "unknown method 'medusa-fast'"),
+    (["--tree", "[[0], [0, 0"], "--tree: tree '[[0], [0, 0' is not valid JSON"),
+    (["--tree", "[[1, 0]]"], "needs its prefix [1]"),
+    (["--tree", "chain:6"], "tree depth 6 needs at least 6 Medusa heads, the model has 5"),
 ])
 def test_bad_input_is_one_error_line(argv, message, capsys, questions_file):
     if "--questions" not in argv:
@@ -115,6 +118,23 @@ def test_bad_input_is_one_error_line(argv, message, capsys, questions_file):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_tree_option_fixes_one_tree_for_every_medusa_row():
+    from infer.bench_setup import method_bundle, parse_method, parse_tree_option, tiny_bundle
+
+    bundle = tiny_bundle()
+    fixed = parse_tree_option("[[0], [1], [0, 0], [0, 0, 0]]", bundle)
+    record = {"tree": [[0]], "accuracy_ranks": [[0.9, 0.1]] * 5,
+              "curve": [{"nodes": n, "step_ms": 10.0 + n, "measured": True} for n in (1, 2, 3)]}
+    for name in ("medusa-k3", "medusa-k5", "typical-t0.7"):  # the tuner's record is ignored under --tree
+        mb, paths, where = method_bundle(bundle, parse_method(name), record, fixed)
+        assert paths == [(0,), (1,), (0, 0), (0, 0, 0)] and where == "--tree" and mb is not None
+    mb, paths, where = method_bundle(bundle, parse_method("medusa-k3"), None, parse_tree_option("chain:4", bundle))
+    assert mb is None and "depth 4, more than the row's 3 heads" in where
+    assert method_bundle(bundle, parse_method("ar"), None, fixed)[1] == []  # the baseline stays plain
+    assert parse_tree_option(None, bundle) is None
+    assert method_bundle(bundle, parse_method("medusa-k3"), record)[2].startswith("best tree for 3 heads")
 
 
 def test_malformed_question_file(tmp_path):
