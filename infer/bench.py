@@ -52,8 +52,10 @@ class Question:
     turns: tuple[str, ...]
 
 
-def read_questions(path: str | Path | None, limit: int | None) -> list[Question]:
-    """The first `limit` questions of a FastChat question file (JSON lines with "turns" and "category")."""
+def read_questions(path: str | Path | None, limit: int | None, per_category: int | None = None) -> list[Question]:
+    """The first `limit` questions of a FastChat question file (JSON lines with "turns" and "category"); with
+    `per_category`, only the first `per_category` questions of each category count (MT-Bench lists its 80
+    questions category by category, so `limit` alone picks one category)."""
     if path is None:
         if not DEFAULT_QUESTIONS.is_file():
             raise MedusaError("no MT-Bench question file given; pass --questions FILE (FastChat JSONL with "
@@ -74,7 +76,10 @@ def read_questions(path: str | Path | None, limit: int | None) -> list[Question]
                               "a JSON object with a \"turns\" list") from None
         if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise MedusaError(f"{path}:{n}: \"turns\" must be a non-empty list of non-empty strings")
-        out.append(Question(rec.get("question_id", n), str(rec.get("category", "unknown")), turns))
+        q = Question(rec.get("question_id", n), str(rec.get("category", "unknown")), turns)
+        if per_category is not None and sum(o.category == q.category for o in out) >= per_category:
+            continue
+        out.append(q)
         if limit is not None and len(out) >= limit:
             break
     if not out:
@@ -184,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--questions", default=None, help="FastChat question JSONL (default ../shared/data/mt_bench_questions.jsonl "
       "when present)")
     a("--limit", type=int, default=None, help="use the first N questions (default all)")
+    a("--per-category", type=int, default=None, help="use the first N questions of each category (a balanced "
+      "subset: MT-Bench lists its questions category by category)")
     a("--max-new-tokens", type=int, default=256, help="new tokens per answer at most (default 256)")
     a("--model", default=None, help="HF directory or .gguf, or 'tiny' (random model, SmolLM2 tokenizer, random "
       "heads; seconds); default: the embedded SmolLM2-135M-Instruct")
@@ -212,13 +219,14 @@ def bench(args: argparse.Namespace) -> dict:
     from infer import bench_hf
 
     _positive("--limit", args.limit)
+    _positive("--per-category", args.per_category)
     _positive("--max-new-tokens", args.max_new_tokens)
     _positive("--accuracy-prompts", args.accuracy_prompts)
     _positive("--torch-threads", args.torch_threads)
     methods = _parse_methods(args.methods)
     if args.no_hf:
         methods = [m for m in methods if m.mode != "hf"]
-    questions = read_questions(args.questions, args.limit)
+    questions = read_questions(args.questions, args.limit, args.per_category)
     t_start = time.time()
     bundle = load_model(args.model, args.heads)
     record = tuning_record(args.heads, args.model)

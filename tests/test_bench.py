@@ -145,6 +145,16 @@ def test_malformed_question_file(tmp_path):
     assert bench.read_questions(path, 1)[0].turns == ("ok",)
 
 
+def test_per_category_takes_the_first_questions_of_each_category(questions_file):
+    qs = bench.read_questions(questions_file, None, per_category=1)
+    assert [q.question_id for q in qs] == [1, 2, 3]
+    path = questions_file.parent / "grouped.jsonl"
+    path.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": ["q"]}) + "\n"
+                            for i, c in enumerate("aaabbbc")))
+    assert [q.question_id for q in bench.read_questions(path, None, per_category=2)] == [0, 1, 3, 4, 6]
+    assert [q.question_id for q in bench.read_questions(path, 3, per_category=2)] == [0, 1, 3]
+
+
 def test_gpu_script_smoke_on_cpu(tmp_path, capsys):
     """bench/gpu_7b.py end to end on the tiny shape: every section runs and reports consistent numbers."""
     from bench import gpu_7b
