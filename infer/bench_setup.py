@@ -20,7 +20,7 @@ from medusa_jax import model
 from medusa_jax.bundle import Bundle
 from medusa_jax.config import HeadsConfig
 from medusa_jax.errors import MedusaError
-from medusa_jax.tree import TreeError, resolve_tree, validate_tree
+from medusa_jax.tree import tree_option
 
 ALL_METHODS = ("hf", "ar", "medusa-k3", "medusa-k4", "medusa-k5", "typical-t0.7", "sample-t0.7")
 
@@ -153,13 +153,6 @@ def method_bundle(bundle: Bundle, method: Method, record: dict | None = None,
 
 
 def parse_tree_option(text: str | None, bundle: Bundle) -> list | None:
-    """The `--tree` value as validated paths (None when not given); bad specs are one-line errors."""
-    if text is None:
-        return None
-    try:
-        paths = resolve_tree(text)
-        if bundle.heads_config is not None:
-            validate_tree(paths, bundle.heads_config.num_heads)
-    except TreeError as e:
-        raise MedusaError(f"--tree: {e}") from None
-    return paths
+    """The `--tree` value as paths the bundle's heads can serve (None when not given); bad specs are one-line
+    errors."""
+    return tree_option(text, bundle.heads_config.num_heads if bundle.heads_config is not None else None)

@@ -12,7 +12,7 @@ import sys
 
 from infer.api import generate
 from medusa_jax.errors import MedusaError, cli_errors
-from medusa_jax.tree import TreeError, resolve_tree
+from medusa_jax.tree import tree_option
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,17 +41,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise MedusaError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.mode == "greedy" and args.temperature != 0:
         raise MedusaError(f"--mode greedy is for --temperature 0, got {args.temperature}; use --mode sample or typical")
-    _tree(args.tree)
-
-
-def _tree(spec: str | None):
-    """The --tree text as validated paths (None: the bundle's default tree)."""
-    if spec is None:
-        return None
-    try:
-        return resolve_tree(spec)
-    except TreeError as e:
-        raise MedusaError(f"--tree: {e}") from None
+    args.tree = tree_option(args.tree)  # parsed once, before the model loads
 
 
 def _stats_line(stats: dict) -> str:
@@ -65,7 +55,7 @@ def _answer(params, messages, args, seed: int) -> tuple[str, dict]:
         sys.stdout.flush()
 
     text, stats = generate(params, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, mode=args.mode, tree=_tree(args.tree), seed=seed, stream=show,
+                           top_p=args.top_p, mode=args.mode, tree=args.tree, seed=seed, stream=show,
                            return_stats=True)
     sys.stdout.write("\n")
     return text, stats

@@ -71,7 +71,8 @@ def resolve_tree(spec: TreeSpec) -> list[Path]:
 
     Accepted: a built-in name (see `NAMED_TREES`); "ar" or "" (no draft nodes); "chain:N"; "dense:7,6";
     a v0.1 dense list of ints whose first entry is the root count 1 (`[1, 7, 6]`); an explicit list of paths;
-    either list as JSON text (a string starting with "[", as a command line passes it). Checks structure only; `build_tree` also checks the tree against the number of heads and top-k.
+    either list as JSON text (a string starting with "[", as a command line passes it). Checks structure only;
+    `build_tree` also checks the tree against the number of heads and top-k.
     """
     if isinstance(spec, str):
         s = spec.strip()
@@ -110,6 +111,20 @@ def resolve_tree(spec: TreeSpec) -> list[Path]:
             raise TreeError(f"bad tree path {p!r}: each path must be a list of integer ranks, e.g. [0, 1]")
         paths.append(tuple(int(x) for x in p))
     validate_tree(paths)
+    return paths
+
+
+def tree_option(text: str | None, num_heads: int | None = None) -> list[Path] | None:
+    """A `--tree` command-line value as validated paths (None when the flag was not given); errors are one
+    line prefixed with the flag."""
+    if text is None:
+        return None
+    try:
+        paths = resolve_tree(text)
+        if num_heads is not None:
+            validate_tree(paths, num_heads)
+    except TreeError as e:
+        raise TreeError(f"--tree: {e}") from None
     return paths
 
 
