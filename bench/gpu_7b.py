@@ -121,8 +121,13 @@ def tree_paths(num_nodes: int, num_heads: int) -> list[tuple[int, ...]]:
     return [tuple(p) for p in grow_tree(acc, num_nodes - 1)]
 
 
-def step_time(args, cfg, hc, base, heads, paths: list) -> dict:
-    """Seconds per real decoding step with tree `paths` (empty: plain decoding), batch 1, `prompt_len` cached."""
+def step_runner(args, cfg, hc, base, heads, paths: list):
+    """The real decoding step (`infer.decode.step`, greedy) with tree `paths` (empty: plain decoding), batch 1,
+    `args.prompt_len` tokens cached, `args.decode_steps` steps in one jitted `lax.fori_loop`.
+
+    Returns (run, run_args, info): `run(*run_args)` runs the steps and returns the whole loop state (so no part
+    of the step is dead code); info has the tree's nodes, depth and the cache slots.
+    """
     tree = build_tree(paths, num_heads=hc.num_heads, topk=max(max(p) for p in paths) + 1) if paths else \
         build_tree([], num_heads=0, topk=1)
     capacity = args.capacity
@@ -143,15 +148,22 @@ def step_time(args, cfg, hc, base, heads, paths: list) -> dict:
     n = args.decode_steps
 
     @jax.jit
-    def run(base, heads, st):  # the whole state comes back, so no part of the step is dead code
+    def run(base, heads, st):
         return jax.lax.fori_loop(0, n, lambda i, s: decode.step(spec, base, heads, s, *scalars), st)
 
+    info = {"nodes": tree.num_nodes, "depth": tree.max_depth, "cache_len": cache_len}
+    return run, (base, use_heads, state), info
+
+
+def step_time(args, cfg, hc, base, heads, paths: list) -> dict:
+    """Seconds per real decoding step with tree `paths` (empty: plain decoding), batch 1, `prompt_len` cached."""
+    run, run_args, info = step_runner(args, cfg, hc, base, heads, paths)
     t0 = time.perf_counter()
-    jax.block_until_ready(run(base, use_heads, state))
+    jax.block_until_ready(run(*run_args))
     compile_s = time.perf_counter() - t0
-    best = _best_time(lambda: run(base, use_heads, state), args.repeats)
-    return {"nodes": tree.num_nodes, "depth": tree.max_depth, "step_ms": 1e3 * best / n, "cache_len": cache_len,
-            "compile_s": round(compile_s, 1), "paths": [list(p) for p in paths]}
+    best = _best_time(lambda: run(*run_args), args.repeats)
+    return {**info, "step_ms": 1e3 * best / args.decode_steps, "compile_s": round(compile_s, 1),
+            "paths": [list(p) for p in paths]}
 
 
 def base_dtype(base: Any):

@@ -57,23 +57,30 @@ def parse_method(name: str) -> Method:
 
 
 def tiny_bundle(num_heads: int = 5, seed: int = 0, perturb: float = 0.02) -> Bundle:
-    """A random `tiny` model sized to the embedded SmolLM2 tokenizer, with random shared-projection heads
-    (identity-initialised plus Gaussian noise of std `perturb`): runs in seconds, meaningless text."""
+    """A random `tiny` model sized to the embedded SmolLM2 tokenizer, with `num_heads` random shared-projection heads
+    (identity-initialised plus Gaussian noise of std `perturb`; 0 heads: the base alone): runs in seconds,
+    meaningless text. `--model tiny` of `infer.bench` and `train.distill`."""
     from medusa_jax.config import tiny
     from medusa_jax.loading import embedded
 
     tok = embedded.load_tokenizer(embedded.gguf_path())
     cfg = dataclasses.replace(tiny(), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                               eos_token_ids=(tok.eos_token_id,))
+    source = "tiny (random, SmolLM2 tokenizer)"
+    if num_heads == 0:
+        return Bundle(base=_tiny_base(cfg, jax.random.PRNGKey(seed)), config=cfg, tokenizer=tok, source=source)
     hc = HeadsConfig(num_heads=num_heads, projection="shared")
     base, heads = _tiny_params(cfg, hc, jax.random.PRNGKey(seed), perturb)
-    return Bundle(base=base, heads=heads, config=cfg, heads_config=hc, tokenizer=tok,
-                  source="tiny (random, SmolLM2 tokenizer)")
+    return Bundle(base=base, heads=heads, config=cfg, heads_config=hc, tokenizer=tok, source=source)
+
+
+# One compiled initialisation each (eager flax init compiles every op separately: tens of seconds).
+_tiny_base = jax.jit(model.init_base, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _tiny_params(cfg, hc: HeadsConfig, key: jax.Array, perturb: float):
-    """One compiled initialisation (eager flax init compiles every op separately: tens of seconds)."""
+    """Random base and heads for `tiny_bundle`."""
     k_base, k_heads = jax.random.split(key)
     base = model.init_base(cfg, k_base)
     heads = model.init_heads(hc, cfg, base)

@@ -79,14 +79,14 @@ def tree_mask(spec: DecodeSpec, start: Array) -> Array:
 
 def _compact(cache: model.KVCache, start: Array, slots: Array) -> model.KVCache:
     """Moves the accepted path's entries (cache slots `slots` [B, D+1]) to slots [start, start + D]."""
-    src = slots[:, :, None, None]  # [B, D+1, 1, 1]
     index = _cache_index(start)
     out = []
-    for keys, values in cache:
+    rows = jnp.repeat(slots, cache[0][0].shape[0] // slots.shape[0], axis=0)  # [B*Kv, D+1]: each KV head's row
+    for keys, values in cache:  # [B*Kv, S, Dh], [B*Kv, Dh, S]
         # Gather first, then write: sources (start + node) are never below their destinations (start + depth).
-        k_path = jnp.take_along_axis(keys, src, axis=1)  # [B, D+1, Kv, Dh]
-        v_path = jnp.take_along_axis(values, src, axis=1)
-        out.append((model.write_cache(keys, k_path, index), model.write_cache(values, v_path, index)))
+        k_path = jnp.take_along_axis(keys, rows[:, :, None], axis=1)  # [B*Kv, D+1, Dh]
+        v_path = jnp.take_along_axis(values, rows[:, None, :], axis=2)  # [B*Kv, Dh, D+1]
+        out.append((model.write_cache(keys, k_path, index, 1), model.write_cache(values, v_path, index, 2)))
     return tuple(out)
 
 

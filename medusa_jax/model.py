@@ -25,7 +25,10 @@ import jax.numpy as jnp
 from medusa_jax.config import HeadsConfig, LlamaConfig
 
 Array = jax.Array
-# Per layer (keys, values), each [B, S, Kv, D]; post-RoPE keys.
+# Per layer (keys [B*Kv, S, D], values [B*Kv, D, S]); post-RoPE keys; row b*Kv + h is sequence b, KV head h.
+# These are the layouts XLA's CPU dots read as stored, with one batch axis: a [B, S, Kv, D] cache made XLA transpose
+# (copy) every layer's whole cache on every decode step, and a separate size-1 batch axis made it duplicate each
+# cache write into a reshaped copy of the whole cache (see BENCHMARKS.md, "KV cache layout").
 KVCache = tuple[tuple[Array, Array], ...]
 _NEG_INF = -1e30  # a large finite negative: a fully masked row gives a uniform softmax instead of NaN
 
@@ -62,15 +65,21 @@ def rope(x: Array, positions: Array, theta: float, scaling: float | None) -> Arr
     return (x32 * jnp.cos(emb) + half * jnp.sin(emb)).astype(x.dtype)
 
 
-def write_cache(cache: Array, new: Array, index: Array) -> Array:
-    """Writes `new` [B, T, Kv, D] into `cache` [B, S, Kv, D] at slots [index, index + T).
+def write_cache(cache: Array, new: Array, index: Array, slot_axis: int) -> Array:
+    """Writes `new` into `cache` at slots [index, index + T) along `slot_axis`.
 
-    `index` is a scalar (one slot for the whole batch: the batch-1 fast path, a single dynamic_update_slice) or [B].
+    `new` has the cache's layout with T slots (keys [B*Kv, T, D] into [B*Kv, S, D] with slot_axis 1, values
+    [B*Kv, D, T] into [B*Kv, D, S] with slot_axis 2). `index` is a scalar (one slot for the whole batch: the
+    batch-1 fast path, a single dynamic_update_slice) or [B].
     """
     new = new.astype(cache.dtype)
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(cache, new, (0, index, 0, 0))
-    return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0)))(cache, new, index)
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, slot_axis)
+    b = index.shape[0]
+    per_seq = lambda x: x.reshape((b, -1) + x.shape[1:])  # [B, Kv, ...]
+    out = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, slot_axis))(
+        per_seq(cache), per_seq(new), index)
+    return out.reshape(cache.shape)
 
 
 class Attention(nn.Module):
@@ -89,17 +98,21 @@ class Attention(nn.Module):
         v = nn.Dense(kv_heads * d, use_bias=False, name="v")(x).reshape(b, t, kv_heads, d)
         q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
         k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
+        g = n // kv_heads
+        keys = k.transpose(0, 2, 1, 3).reshape(b * kv_heads, t, d)  # [B*Kv, T, D]
+        values = v.transpose(0, 2, 3, 1).reshape(b * kv_heads, d, t)  # [B*Kv, D, T]
         if kv is not None:
-            keys, values = write_cache(kv[0], k, cache_index), write_cache(kv[1], v, cache_index)  # [B, S, Kv, D]
+            keys = write_cache(kv[0], keys, cache_index, 1)  # [B*Kv, S, D]
+            values = write_cache(kv[1], values, cache_index, 2)  # [B*Kv, D, S]
             kv = (keys, values)
-        else:
-            keys, values = k, v  # [B, T, Kv, D]
-        q = q.reshape(b, t, kv_heads, n // kv_heads, d)  # [B, T, Kv, G, D]
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(d)
+        s = keys.shape[1]
+        q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g * t, d)  # [B*Kv, G*T, D]
+        scores = jnp.einsum("nqd,nsd->nqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kv_heads, g, t, s) / math.sqrt(d)
         scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)  # mask: [B, T, S]
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, n * d)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b * kv_heads, g * t, s)
+        out = jnp.einsum("nqs,nds->nqd", probs, values)  # [B*Kv, G*T, D]
+        out = out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)
         return nn.Dense(cfg.hidden_size, use_bias=False, name="o")(out.astype(x.dtype)), kv
 
 
@@ -158,7 +171,7 @@ class Llama(nn.Module):
           tokens: [B, T] int token ids.
           positions: [B, T] int absolute positions (RoPE).
           mask: [B, T, S] bool, True where query t may attend slot s. S is the cache length, or T without a cache.
-          cache: per-layer (keys, values) [B, S, Kv, D], or None for a cache-free causal forward.
+          cache: per-layer (keys [B*Kv, S, D], values [B*Kv, D, S]), or None for a cache-free causal forward.
           cache_index: scalar or [B] int, the slot where this call's T new entries are written.
         Returns:
           hidden [B, T, H] after the final norm, and the updated cache (None without one).
@@ -211,9 +224,10 @@ def causal_mask(batch: int, length: int) -> Array:
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
-    """A zeroed KV cache of `length` slots: per layer (keys, values) [B, length, Kv, D]."""
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+    """A zeroed KV cache of `length` slots: per layer (keys [B*Kv, length, D], values [B*Kv, D, length])."""
+    rows, d = batch * config.num_kv_heads, config.head_dim
+    return tuple((jnp.zeros((rows, length, d), dtype), jnp.zeros((rows, d, length), dtype))
+                 for _ in range(config.num_layers))
 
 
 def init_base(config: LlamaConfig, rng: Array, dtype: Any = jnp.float32) -> dict:

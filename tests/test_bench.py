@@ -188,3 +188,36 @@ def test_train_flops_count_base_forward_and_heads():
     heads = 4 * (6 * 4096 ** 2 + 4 * 4096 * 32000) * 2048
     assert flops == 2 * layers * 2048 + heads and with_attention > flops
     assert gpu_train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu_train.peak_flops("cpu") is None
+
+
+def test_cpu_matmul_script_times_every_row_count_in_both_libraries(capsys):
+    """bench/cpu_matmul.py on the tiny shape: one row per library and dtype, a time for every M, a markdown table."""
+    from bench import cpu_matmul
+
+    res = cpu_matmul.main(["--config", "tiny", "--rows", "1,3", "--dtypes", "float32", "--repeats", "1"])
+    assert [(r["library"], r["dtype"]) for r in res] == [("jax", "float32"), ("torch", "float32")]
+    assert all(set(r["ms"]) == {1, 3} and min(r["ms"].values()) > 0 for r in res)
+    assert "| jax | float32 | " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rows", ["1,x", "0,2"])
+def test_cpu_matmul_script_bad_rows_is_one_error_line(rows, capsys):
+    from bench import cpu_matmul
+
+    with pytest.raises(SystemExit) as e:
+        cpu_matmul.main(["--config", "tiny", "--rows", rows, "--no-torch"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--rows" in err
+
+
+def test_step_profile_groups_the_real_step_by_op_kind(capsys):
+    """bench/step_profile.py on the tiny shape: the weight matmuls appear as `dot`, once per projection per layer."""
+    from bench import step_profile
+    from medusa_jax.config import tiny
+
+    res = step_profile.main(["--config", "tiny", "--prompt-len", "32", "--capacity", "16", "--decode-steps", "3",
+                             "--repeats", "1", "--profile-runs", "1"])
+    ops = {r["op"]: r for r in res["ops"]}
+    assert ops["dot"]["calls_per_step"] >= 7 * tiny().num_layers  # q, k, v, o, gate, up, down in every layer
+    assert "while" not in ops and res["step_ms"] > 0 and res["profiled_ms_per_step"] > 0
+    assert "| dot |" in capsys.readouterr().out

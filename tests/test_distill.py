@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 
 from medusa_jax import tiny
+from medusa_jax.loading import embedded
 from medusa_jax.errors import MedusaError
 from train import data, distill, prompts
 
@@ -97,7 +98,7 @@ def test_cli_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def stub_params():
-    tok = distill._embedded_tokenizer()
+    tok = embedded.load_tokenizer(embedded.gguf_path())
     return types.SimpleNamespace(tokenizer=tok, config=dataclasses.replace(tiny(), vocab_size=len(tok)),
                                  source="stub")
 

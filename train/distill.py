@@ -315,28 +315,11 @@ def distill(params: Any, prompts: Sequence[Any] | None = None, **kwargs) -> list
 
 
 @functools.lru_cache(maxsize=1)
-def _embedded_tokenizer() -> Any:
-    from medusa_jax.loading import embedded
-
-    return embedded.load_tokenizer(embedded.gguf_path())
-
-
-def tiny_bundle(seed: int = 0) -> Any:
-    """A random `tiny` model sized to the embedded SmolLM2 tokenizer: fast plumbing checks, meaningless text."""
-    import jax
-
-    from medusa_jax import Bundle, model, tiny
-
-    tok = _embedded_tokenizer()
-    config = dataclasses.replace(tiny(), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                 eos_token_ids=(tok.eos_token_id,))
-    return Bundle(base=model.init_base(config, jax.random.PRNGKey(seed)), config=config, tokenizer=tok,
-                  source="tiny (random, SmolLM2 tokenizer)")
-
-
 def _load_model(source: str | None) -> Any:
     if source == "tiny":
-        return tiny_bundle()
+        from infer.bench_setup import tiny_bundle
+
+        return tiny_bundle(num_heads=0)
     import medusa_jax
 
     return medusa_jax.load(source)

@@ -1,0 +1,121 @@
+"""What a forward of M tokens costs in matmuls alone, for M = 1, 2, 4, ...: the bound on tree decoding on a CPU.
+
+    python bench/cpu_matmul.py                       # SmolLM2-135M layer shapes, float32 and bfloat16, JAX and torch
+    python bench/cpu_matmul.py --rows 1,2,4 --no-torch
+
+Medusa pays off when a forward of the N tree nodes costs little more than a forward of one token: batch-1
+decoding streams every weight once per step whatever N is, so the extra rows should be nearly free. Whether they
+are depends on the matmul kernels: this script times the decoder's matmuls alone (for each of the model's layers
+its q, k, v, o, gate, up and down projections, distinct weights per layer so nothing stays in cache between
+layers), as one jitted function in JAX and as a loop of `torch.nn.functional.linear` calls, for M input rows.
+It prints milliseconds per forward and the ratio to the first M (with M = 1 first: the tree step's matmul cost
+relative to plain decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from medusa_jax import config as configs
+from medusa_jax.errors import MedusaError, cli_errors
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up (compiles in JAX)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def layer_shapes(cfg: configs.LlamaConfig) -> list[tuple[int, int]]:
+    """[in, out] of each projection of one decoder layer."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+def jax_times(cfg, rows: Sequence[int], dtype: str, repeats: int) -> dict[int, float]:
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    weights = [[jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.02, dtype) for s in layer_shapes(cfg)]
+               for _ in range(cfg.num_layers)]
+
+    @jax.jit
+    def forward(inputs, weights):  # every product is summed into the output, so none is dead code
+        acc = jnp.float32(0)
+        for layer in weights:
+            for w in layer:
+                acc = acc + jnp.dot(inputs[w.shape[0]], w, preferred_element_type=jnp.float32).sum()
+        return acc
+
+    out = {}
+    for m in rows:
+        inputs = {k: jnp.ones((m, k), dtype) for k in {s[0] for s in layer_shapes(cfg)}}
+        out[m] = _median_ms(lambda: forward(inputs, weights).block_until_ready(), repeats)
+    return out
+
+
+def torch_times(cfg, rows: Sequence[int], dtype: str, repeats: int) -> dict[int, float]:
+    import torch
+
+    tdtype = getattr(torch, dtype)
+    weights = [[(torch.randn(o, i) * 0.02).to(tdtype) for i, o in layer_shapes(cfg)] for _ in range(cfg.num_layers)]
+    out = {}
+    with torch.inference_mode():
+        for m in rows:
+            inputs = {k: torch.ones(m, k, dtype=tdtype) for k in {s[0] for s in layer_shapes(cfg)}}
+
+            def forward():
+                return sum(float(torch.nn.functional.linear(inputs[w.shape[1]], w).sum()) for layer in weights
+                           for w in layer)
+
+            out[m] = _median_ms(forward, repeats)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python bench/cpu_matmul.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="smollm2_135m", help="model shape preset (default smollm2_135m)")
+    p.add_argument("--rows", default="1,2,4,8,16", help="numbers of input rows M (default 1,2,4,8,16)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="weight dtypes (default float32,bfloat16)")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs per point, median reported (default 15)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch rows")
+    args = p.parse_args(argv)
+    with cli_errors():
+        cfg = configs.preset(args.config)
+        try:
+            rows = [int(r) for r in args.rows.split(",")]
+        except ValueError:
+            raise MedusaError(f"--rows must be comma-separated integers, got {args.rows!r}") from None
+        if min(rows) < 1:
+            raise MedusaError(f"--rows must be positive, got {args.rows!r}")
+        return _run(args, cfg, rows)
+
+
+def _run(args, cfg, rows: list[int]) -> list[dict]:
+    print(f"{cfg.name}: {cfg.num_layers} layers x 7 projections; {platform.machine()}, {platform.processor() or ''}")
+    print("| library | dtype | " + " | ".join(f"M={m}" for m in rows) + " |")
+    print("|---|---|" + "---|" * len(rows))
+    results = []
+    for lib, fn in [("jax", jax_times)] + ([] if args.no_torch else [("torch", torch_times)]):
+        for dtype in args.dtypes.split(","):
+            t = fn(cfg, rows, dtype, args.repeats)
+            cells = [f"{t[m]:.1f} ms ({t[m] / t[rows[0]]:.2f}x)" for m in rows]
+            print(f"| {lib} | {dtype} | " + " | ".join(cells) + " |", flush=True)
+            results.append({"library": lib, "dtype": dtype, "ms": t})
+    return results
+
+
+if __name__ == "__main__":
+    main()
