@@ -28,7 +28,7 @@ Array = jax.Array
 # Per layer (keys [B*Kv, S, D], values [B*Kv, D, S]); post-RoPE keys; row b*Kv + h is sequence b, KV head h.
 # These are the layouts XLA's CPU dots read as stored, with one batch axis: a [B, S, Kv, D] cache made XLA transpose
 # (copy) every layer's whole cache on every decode step, and a separate size-1 batch axis made it duplicate each
-# cache write into a reshaped copy of the whole cache (see BENCHMARKS.md, "KV cache layout").
+# cache write into a reshaped copy of the whole cache (see BENCHMARKS.md, "KV-cache layout").
 KVCache = tuple[tuple[Array, Array], ...]
 _NEG_INF = -1e30  # a large finite negative: a fully masked row gives a uniform softmax instead of NaN
 
