@@ -4,6 +4,8 @@ compared by: method | tokens/s | latency per token | speedup vs autoregressive |
 Methods (`--methods`, comma-separated; `ar` always runs, it is the baseline):
   hf            transformers greedy `generate` on the same weights (PyTorch, this machine's CPU).
   ar            our plain autoregressive decoding (the root-only tree).
+  medusa        what `generate` does by default: greedy Medusa with all heads and the heads' tuned tree (which the
+                tuner may shrink to the root alone, i.e. plain decoding, where no tree pays on the machine).
   medusa-kK     greedy Medusa with the first K heads (K = 3, 4, 5) and a tree per K: the best tree for K heads
                 from the tuner's `tree.json`, else `default_tree(K)`; `--tree` fixes one tree for every row
                 (to compare head sets, e.g. after stage 1 and after stage 2, on the same tree).
@@ -11,7 +13,8 @@ Methods (`--methods`, comma-separated; `ar` always runs, it is the baseline):
   sample-t0.7   lossless speculative sampling at temperature 0.7, likewise.
 
 Each MT-Bench question is answered in both turns; the second turn is conditioned on the method's own first
-answer (greedy methods all produce the same text). Times are `Generation.wall_s` (prefill + decoding, never
+answer (greedy methods all produce the same text). Methods take turns question by question, so a machine whose
+speed drifts during the run slows every row alike. Times are `Generation.wall_s` (prefill + decoding, never
 compilation); a call that compiled a new executable is run again and the rerun is timed, so every timed call is
 a warm one. Outputs: a markdown table on the terminal and in `<out>/bench.md`, `<out>/bench.json` (rows, trees,
 per-category speeds, per-head accuracy, answers, machine), and PNG plots (see `infer.bench_report`).
@@ -117,28 +120,25 @@ def run_ours(bundle: Bundle, method: Method, paths: list, prompt: list[int], max
             "compile_s": compile_s}
 
 
-def run_method(bundle: Bundle, method: Method, paths: list, questions: list[Question], max_new: int,
-               bar: tqdm, hf_model: Any = None) -> list[list[dict]]:
-    """Every question, every turn -> per question a list of per-turn records (tokens, text, wall_s, ...)."""
+def run_question(bundle: Bundle, method: Method, paths: list, question: Question, qi: int, max_new: int,
+                 hf_model: Any = None) -> list[dict]:
+    """Both turns of one question -> per-turn records (tokens, text, wall_s, ...); the second turn's prompt holds
+    this method's own first answer."""
     from infer import bench_hf
 
     stops = default_stop_ids(bundle)
-    out = []
-    for qi, q in enumerate(questions):
-        answers: list[str] = []
-        records = []
-        for turn in range(len(q.turns)):
-            prompt = chat.render_prompt(bundle.tokenizer, _messages(q, answers, turn))
-            if method.mode == "hf":
-                rec = bench_hf.run_hf(hf_model, prompt, max_new, stops)
-            else:
-                rec = run_ours(bundle, method, paths, prompt, max_new, seed=2 * qi + turn)
-            rec["text"] = _answer_text(bundle.tokenizer, rec["tokens"], stops)
-            answers.append(rec["text"])
-            records.append(rec)
-        out.append(records)
-        bar.update(1)
-    return out
+    answers: list[str] = []
+    records = []
+    for turn in range(len(question.turns)):
+        prompt = chat.render_prompt(bundle.tokenizer, _messages(question, answers, turn))
+        if method.mode == "hf":
+            rec = bench_hf.run_hf(hf_model, prompt, max_new, stops)
+        else:
+            rec = run_ours(bundle, method, paths, prompt, max_new, seed=2 * qi + turn)
+        rec["text"] = _answer_text(bundle.tokenizer, rec["tokens"], stops)
+        answers.append(rec["text"])
+        records.append(rec)
+    return records
 
 
 def summarise(method: Method, records: list[list[dict]], questions: list[Question]) -> dict:
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--methods", default=",".join(ALL_METHODS), help=f"comma-separated (default {','.join(ALL_METHODS)})")
     a("--tree", default=None, help="one tree for every Medusa row instead of the tuned ones: a name, chain:N, "
       "dense:W1,W2,..., or a JSON list of paths (e.g. '[[0],[1],[0,0]]'); rows with fewer heads than its depth "
-      "are skipped")
+      "are skipped; the medusa row keeps generate's default")
     a("--no-hf", action="store_true", help="skip the transformers row")
     a("--torch-threads", type=int, default=None, help="torch CPU threads for the hf row (default: torch's own; "
       "use 1 when other processes load the CPU: torch's thread barriers then slow down about 10x)")
@@ -251,17 +251,23 @@ def bench(args: argparse.Namespace) -> dict:
         if mb is None or m.mode == "hf":  # why a row is missing; how the transformers peer ran
             notes[m.name] = note
     runnable = [p for p in plans if p[1] is not None]
-    rows, outputs, trees = [], {}, {}
-    with tqdm(total=len(runnable) * len(questions), desc="bench", unit="question",
+    records: dict[str, list[list[dict]]] = {p[0].name: [] for p in runnable}
+    # Question by question, every method in turn: a machine whose speed drifts during the run (a shared CPU,
+    # a GPU warming up) then slows every row alike instead of whichever method ran during the slow minutes.
+    with tqdm(total=len(runnable) * len(questions), desc="bench", unit="answer pair",
               disable=args.no_progress) as bar:
-        for m, mb, paths, where, hf_model in runnable:
-            bar.set_description(m.name)
-            records = run_method(mb, m, paths, questions, args.max_new_tokens, bar, hf_model)
-            rows.append(summarise(m, records, questions))
-            keep = ("tokens", "text", "wall_s", "steps", "accepted", "proposed")
-            outputs[m.name] = [[{k: r[k] for k in keep if k in r} for r in q] for q in records]
-            if m.mode != "hf":
-                trees[m.name] = {"paths": [list(p) for p in paths], "nodes": len(paths) + 1, "source": where}
+        for qi, q in enumerate(questions):
+            for m, mb, paths, _, hf_model in runnable:
+                bar.set_description(f"q{qi + 1} {m.name}")
+                records[m.name].append(run_question(mb, m, paths, q, qi, args.max_new_tokens, hf_model))
+                bar.update(1)
+    rows, outputs, trees = [], {}, {}
+    keep = ("tokens", "text", "wall_s", "steps", "accepted", "proposed")
+    for m, _, paths, where, _ in runnable:
+        rows.append(summarise(m, records[m.name], questions))
+        outputs[m.name] = [[{k: r[k] for k in keep if k in r} for r in q] for q in records[m.name]]
+        if m.mode != "hf":
+            trees[m.name] = {"paths": [list(p) for p in paths], "nodes": len(paths) + 1, "source": where}
     ar = next(r for r in rows if r["mode"] == "ar")
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"]

@@ -15,14 +15,14 @@ from pathlib import Path
 import jax
 
 from infer import tune_tree
-from infer.api import DEFAULT_TREE
+from infer.api import DEFAULT_TREE, resolve_tree_buffers
 from medusa_jax import model
 from medusa_jax.bundle import Bundle
 from medusa_jax.config import HeadsConfig
 from medusa_jax.errors import MedusaError
 from medusa_jax.tree import tree_option
 
-ALL_METHODS = ("hf", "ar", "medusa-k3", "medusa-k4", "medusa-k5", "typical-t0.7", "sample-t0.7")
+ALL_METHODS = ("hf", "ar", "medusa", "medusa-k3", "medusa-k4", "medusa-k5", "typical-t0.7", "sample-t0.7")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,8 @@ def parse_method(name: str) -> Method:
         return Method("hf", "hf")
     if name == "ar":
         return Method("ar", "ar")
+    if name == "medusa":  # what `generate` does by default: all heads, the bundle's (tuned) tree
+        return Method("medusa", "greedy")
     if name.startswith("medusa-k") and name[len("medusa-k"):].isdigit() and 1 <= int(name[len("medusa-k"):]) <= 8:
         return Method(name, "greedy", 0.0, int(name[len("medusa-k"):]))
     for mode in ("typical", "sample"):
@@ -138,6 +140,10 @@ def method_bundle(bundle: Bundle, method: Method, record: dict | None = None,
         return bundle, [], "none (plain decoding)"
     if bundle.heads is None:
         return None, [], "skipped: the model has no Medusa heads (pass --heads)"
+    if method.name == "medusa":
+        paths = [tuple(p) for p in resolve_tree_buffers(bundle, "greedy").choices]
+        source = "the heads' tree.json" if bundle.tree is not None else "infer.api.DEFAULT_TREE"
+        return bundle, paths, f"generate's default tree ({source})"
     have = bundle.heads_config.num_heads
     k = have if method.k is None else method.k
     if k > have:

@@ -13,7 +13,7 @@ from infer import bench
 from medusa_jax.errors import MedusaError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-METHODS = ("hf", "ar", "medusa-k3", "typical-t0.7", "sample-t0.7", "medusa-k6")  # tiny has 5 heads: k6 skips
+METHODS = ("hf", "ar", "medusa", "medusa-k3", "typical-t0.7", "sample-t0.7", "medusa-k6")  # tiny has 5 heads: k6 skips
 # First turns of about 70 tokens with the chat template, so both turns' prompts share one length bucket (65-128
 # tokens) and each method compiles once.
 _LONG = (" Answer in the voice of an old sailor who has seen every harbour on the whole coast and likes telling "
@@ -36,18 +36,26 @@ def questions_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, questions_file):
-    """(record, printed text, out dir) of one tiny smoke run."""
+    """(record, printed text, out dir, [(question id, method) in the order they ran]) of one tiny smoke run."""
     out = tmp_path_factory.mktemp("bench")
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    order = []
+    real = bench.run_question
+
+    def recording(bundle, method, paths, question, *args, **kw):
+        order.append((question.question_id, method.name))
+        return real(bundle, method, paths, question, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(bench, "run_question", recording)
         record = bench.main(["--model", "tiny", "--limit", "2", "--max-new-tokens", "16", "--questions",
                              str(questions_file), "--methods", ",".join(METHODS), "--out", str(out),
                              "--no-progress", "--accuracy-prompts", "2"])
-    return record, printed.getvalue(), out
+    return record, printed.getvalue(), out, order
 
 
 def test_every_requested_method_has_a_consistent_row(run):
-    record, _, out = run
+    record, _, out, _ = run
     rows = {r["method"]: r for r in record["rows"]}
     assert set(rows) == set(METHODS) - {"medusa-k6"}
     assert "fewer than 6" in record["notes"]["medusa-k6"]
@@ -67,16 +75,54 @@ def test_every_requested_method_has_a_consistent_row(run):
 
 
 def test_greedy_medusa_answers_equal_autoregressive_token_for_token(run):
-    record, _, _ = run
-    ar, medusa = record["outputs"]["ar"], record["outputs"]["medusa-k3"]
+    record, _, _, _ = run
+    ar = record["outputs"]["ar"]
     assert len(ar) == 2 and all(len(q) == 2 for q in ar)  # --limit 2, both turns
-    assert [[t["tokens"] for t in q] for q in medusa] == [[t["tokens"] for t in q] for q in ar]
     assert all(0 < len(t["tokens"]) <= 16 for q in ar for t in q)
-    assert {r["method"]: r["identical_to_ar"] for r in record["rows"]}["medusa-k3"] == 1.0
+    for name in ("medusa", "medusa-k3"):
+        medusa = record["outputs"][name]
+        assert [[t["tokens"] for t in q] for q in medusa] == [[t["tokens"] for t in q] for q in ar]
+        assert {r["method"]: r["identical_to_ar"] for r in record["rows"]}[name] == 1.0
+
+
+def test_methods_take_turns_question_by_question(run):
+    *_, order = run
+    ran = [m for m in METHODS if m != "medusa-k6"]  # skipped: tiny has 5 heads
+    assert order == [(qid, m) for qid in (1, 2) for m in ran]
+
+
+def test_medusa_row_decodes_with_generates_default_tree(run):
+    from infer.api import resolve_tree_buffers
+    from infer.bench_setup import tiny_bundle
+
+    record, printed, _, _ = run
+    default = resolve_tree_buffers(tiny_bundle(), "greedy")  # tiny ships no tuned tree: DEFAULT_TREE cut to 5 heads
+    tree = record["trees"]["medusa"]
+    assert [tuple(p) for p in tree["paths"]] == list(default.choices) and tree["nodes"] == default.num_nodes
+    assert "generate's default tree" in tree["source"]
+    speedup = {r["method"]: r["speedup"] for r in record["rows"]}["medusa"]
+    verdict = "met" if speedup >= 1 else "NOT met"
+    assert f"- never slower than ar (generate's default tree, {default.num_nodes} nodes): {speedup:.2f}x " \
+           f"{verdict}" in printed
+
+
+def test_never_slower_is_judged_on_generates_default_tree():
+    from infer.bench_report import _targets
+
+    rows = [{"method": "ar", "mode": "ar", "tokens_per_s": 30.0, "speedup": 1.0},
+            {"method": "medusa", "mode": "greedy", "tokens_per_s": 29.7, "speedup": 0.99},
+            {"method": "medusa-k3", "mode": "greedy", "tokens_per_s": 25.0, "speedup": 0.83}]
+    root_only = _targets(rows, {"medusa": {"nodes": 1}, "medusa-k3": {"nodes": 2}})
+    assert "- never slower than ar (generate's default tree, 1 nodes): 0.99x met: the tuned tree is the root " \
+           "alone, so generate runs plain decoding's executable" in root_only
+    assert "- slower than ar with a forced draft tree: medusa-k3" in root_only
+    assert "- target Medusa >= 1.3x ar at T=0 (CPU; 2x on GPU): medusa 0.99x NOT met" in root_only
+    drafting = _targets(rows, {"medusa": {"nodes": 3}, "medusa-k3": {"nodes": 2}})
+    assert "- never slower than ar (generate's default tree, 3 nodes): 0.99x NOT met" in drafting
 
 
 def test_trees_categories_and_head_accuracy_are_recorded(run):
-    record, _, _ = run
+    record, _, _, _ = run
     tree = record["trees"]["medusa-k3"]
     assert tree["nodes"] == len(tree["paths"]) + 1 and max(len(p) for p in tree["paths"]) <= 3
     assert record["trees"]["ar"]["paths"] == []
@@ -88,7 +134,7 @@ def test_trees_categories_and_head_accuracy_are_recorded(run):
 
 
 def test_markdown_table_printed_and_plots_are_pngs(run):
-    record, printed, out = run
+    record, printed, out, _ = run
     assert "| method | tokens/s | latency per token (ms) | speedup vs autoregressive |" in printed
     for r in record["rows"]:
         assert f"| {r['method']} |" in printed
