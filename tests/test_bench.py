@@ -264,6 +264,6 @@ def test_step_profile_groups_the_real_step_by_op_kind(capsys):
     res = step_profile.main(["--config", "tiny", "--prompt-len", "32", "--capacity", "16", "--decode-steps", "3",
                              "--repeats", "1", "--profile-runs", "1"])
     ops = {r["op"]: r for r in res["ops"]}
-    assert ops["dot"]["calls_per_step"] >= 7 * tiny().num_layers  # q, k, v, o, gate, up, down in every layer
+    assert ops["dot"]["calls_per_step"] >= 4 * tiny().num_layers  # qkv, o, gate_up, down in every layer
     assert "while" not in ops and res["step_ms"] > 0 and res["profiled_ms_per_step"] > 0
     assert "| dot |" in capsys.readouterr().out

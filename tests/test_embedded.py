@@ -12,7 +12,7 @@ from gguf.quants import dequantize
 
 import medusa_jax
 from medusa_jax.loading import embedded as embedded_lib
-from medusa_jax.loading import gguf_file
+from medusa_jax.loading import gguf_file, names
 
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "Explain in two sentences why the sky is blue, then give one example."}]
@@ -46,9 +46,10 @@ def test_logits_match_transformers_gguf(embedded, embedded_torch):
     # The weights themselves are bit-identical (same dequantization, Q/K permutation undone the same way).
     state = net.state_dict()
     for layer in (0, 29):
-        for ours_name, theirs in (("q", "q_proj"), ("k", "k_proj"), ("o", "o_proj")):
-            np.testing.assert_array_equal(np.asarray(embedded.base[f"layers_{layer}"]["attn"][ours_name]["kernel"]).T,
-                                          state[f"model.layers.{layer}.self_attn.{theirs}.weight"].numpy())
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj"):
+            hf_name = f"model.layers.{layer}.{name}.weight"
+            np.testing.assert_array_equal(names.hf_tensor(embedded.config, embedded.base, hf_name),
+                                          state[hf_name].numpy())
     np.testing.assert_array_equal(np.asarray(embedded.base["embed"]["embedding"]),
                                   state["model.embed_tokens.weight"].numpy())
     ids = _chat_ids(embedded.tokenizer)

@@ -106,12 +106,7 @@ def random_hf(config: LlamaConfig, seed: int = 0) -> dict:
 
 
 def param(bundle, hf_name):
-    path, transposed = names.param_path(hf_name)
-    node = bundle.base
-    for key in path:
-        node = node[key]
-    node = np.asarray(node)
-    return node.T if transposed else node
+    return names.hf_tensor(bundle.config, bundle.base, hf_name)
 
 
 SMALL = LlamaConfig(name="s", vocab_size=48, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,

@@ -152,9 +152,11 @@ SCRIPT = textwrap.dedent("""
         records = map(json.loads, open(f"{out}/{name}/metrics.jsonl"))
         losses[name] = [r[k] for r in records for k in ("loss", "grad_norm")]
     ref = params["single"]
-    diffs = {n: max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
-                    zip(jax.tree.leaves(ref), jax.tree.leaves(p))) for n, p in params.items()}
-    print("RESULT " + json.dumps({"diffs": diffs, "losses": losses}))
+    gaps = {n: [np.abs(np.asarray(a) - np.asarray(b)) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(p))]
+            for n, p in params.items()}
+    diffs = {n: max(float(g.max()) for g in gs) for n, gs in gaps.items()}
+    means = {n: float(np.concatenate([g.ravel() for g in gs]).mean()) for n, gs in gaps.items()}
+    print("RESULT " + json.dumps({"diffs": diffs, "means": means, "losses": losses}))
 """)
 
 
@@ -167,8 +169,13 @@ def test_sharded_runs_match_one_device(tmp_path):
     result = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
     for name, values in result["losses"].items():
         np.testing.assert_allclose(values, result["losses"]["single"], rtol=1e-4, err_msg=name)
-    for name, diff in result["diffs"].items():
-        assert diff < 1e-4, result["diffs"]
+    # Adam's step is lr * m / sqrt(v): where a gradient is near zero its rounding (which differs with the
+    # summation order of a sharded reduction) moves the step by a fraction of lr, so single elements may differ by
+    # ~4% of lr (measured: the worst element scales with lr, 4.0e-4 at lr 1e-2 and 4.0e-5 at 1e-3) while the mean
+    # stays ~1e-5 lr. A sharding bug (a missing gradient reduction, a wrong shard) moves the mean by ~lr.
+    lr = 1e-2
+    for name in result["diffs"]:
+        assert result["diffs"][name] < 0.1 * lr and result["means"][name] < 1e-3 * lr, result
 
 
 def test_layer_scan_forward_equals_the_model():
@@ -200,6 +207,9 @@ def test_parameters_are_sharded_over_fsdp():
 
     assert param_logical_axes(("layers_0", "mlp", "down", "kernel"), 2) == ("mlp", "embed")
     assert param_logical_axes(("embed", "embedding"), 2) == ("vocab", "embed")
+    # The fused Q/K/V kernel [H, Kv, G + 2, D] splits over tensor by whole KV groups.
+    qkv = param_logical_axes(("layers_0", "attn", "qkv", "kernel"), 4)
+    assert tuple(logical_spec(*qkv, rules=FSDP_RULES)) == ("fsdp", "tensor", None, None)
     assert param_logical_axes(("res_0_bias",), 2) == (None, None)
     assert tuple(logical_spec("batch", "embed", rules=FSDP_RULES)) == (("data", "fsdp"), "fsdp")
 

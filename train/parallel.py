@@ -60,6 +60,7 @@ FSDP_RULES: tuple[tuple[str, Any], ...] = (
     ("seq", None),
     ("embed", FSDP_AXIS),  # the hidden-size side of every weight matrix
     ("qkv", TENSOR_AXIS),  # attention heads x head_dim
+    ("kv_groups", TENSOR_AXIS),  # the fused Q/K/V kernel's KV-group axis: whole groups per device
     ("mlp", TENSOR_AXIS),  # the SwiGLU inner width
     ("vocab", TENSOR_AXIS),
     ("medusa", None),  # the K heads' stacking axis
@@ -73,8 +74,8 @@ def logical_spec(*names: str | None, rules: tuple = LOGICAL_RULES) -> PartitionS
     return PartitionSpec(*(table.get(n) if n else None for n in names))
 
 
-_KERNEL_AXES = {"q": ("embed", "qkv"), "k": ("embed", "qkv"), "v": ("embed", "qkv"), "o": ("qkv", "embed"),
-                "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed"),
+_KERNEL_AXES = {"qkv": ("embed", "kv_groups", None, None), "o": ("qkv", "embed"),  # qkv: [H, Kv, G+2, D]
+                "gate_up": ("embed", None, "mlp"), "down": ("mlp", "embed"),  # gate_up: [H, 2, I]
                 "lm_head": ("embed", "vocab")}
 
 

@@ -3,7 +3,10 @@
 Three namings meet here:
   * Hugging Face `LlamaForCausalLM` state-dict keys (`model.layers.3.self_attn.q_proj.weight`, [out, in] layout);
   * GGUF / llama.cpp tensor names (`blk.3.attn_q.weight`), converted to the HF name first;
-  * our Flax params paths (`layers_3/attn/q/kernel`, [in, out] layout, i.e. the HF weight transposed).
+  * our Flax params paths (`layers_3/attn/o/kernel`, [in, out] layout, i.e. the HF weight transposed). Q, K and V
+    share one kernel `attn/qkv/kernel` [H, Kv, G + 2, D] (per KV group: its G query heads, its key, its value) and the
+    SwiGLU gate and up projections share `mlp/gate_up/kernel` [H, 2, I]: one matmul each instead of three and two
+    (see `model.Attention`).
 
 Every reader produces a {HF name: numpy array in HF layout} dict and calls `hf_to_params`, which checks names and
 shapes against the config, so all formats share one set of checks and error messages.
@@ -21,15 +24,18 @@ from medusa_jax.errors import MedusaError
 
 # Per-layer tensors: HF suffix (after `model.layers.{i}.`) -> (params path inside `layers_{i}`, transposed).
 _LAYER = {
-    "self_attn.q_proj.weight": (("attn", "q", "kernel"), True),
-    "self_attn.k_proj.weight": (("attn", "k", "kernel"), True),
-    "self_attn.v_proj.weight": (("attn", "v", "kernel"), True),
     "self_attn.o_proj.weight": (("attn", "o", "kernel"), True),
-    "mlp.gate_proj.weight": (("mlp", "gate", "kernel"), True),
-    "mlp.up_proj.weight": (("mlp", "up", "kernel"), True),
     "mlp.down_proj.weight": (("mlp", "down", "kernel"), True),
     "input_layernorm.weight": (("attn_norm", "scale"), False),
     "post_attention_layernorm.weight": (("mlp_norm", "scale"), False),
+}
+# Per-layer tensors stored as a part of a fused kernel: HF suffix -> (params path, which part).
+_FUSED = {
+    "self_attn.q_proj.weight": (("attn", "qkv", "kernel"), "q"),
+    "self_attn.k_proj.weight": (("attn", "qkv", "kernel"), "k"),
+    "self_attn.v_proj.weight": (("attn", "qkv", "kernel"), "v"),
+    "mlp.gate_proj.weight": (("mlp", "gate_up", "kernel"), "gate"),
+    "mlp.up_proj.weight": (("mlp", "gate_up", "kernel"), "up"),
 }
 _GLOBAL = {
     "model.embed_tokens.weight": (("embed", "embedding"), False),
@@ -65,12 +71,39 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def param_path(hf_name: str) -> tuple[tuple[str, ...], bool]:
-    """HF name -> (path in the Flax params tree, whether the array is stored transposed)."""
+    """HF name of an unfused tensor -> (path in the Flax params tree, whether the array is stored transposed)."""
     if hf_name in _GLOBAL:
         return _GLOBAL[hf_name]
     _, _, n, suffix = hf_name.split(".", 3)
     path, transposed = _LAYER[suffix]
     return (f"layers_{n}",) + path, transposed
+
+
+def _fused_part(config: LlamaConfig, part: str) -> tuple[tuple, tuple[int, ...]]:
+    """Where a fused part sits in its kernel (an index into it) and the part's shape there. q/k/v: kernel
+    [H, Kv, G + 2, D], query heads at [:, :, :G] (head h = group h // G), key at [:, :, G], value at [:, :, G + 1];
+    gate/up: kernel [H, 2, I] at [:, 0] and [:, 1]."""
+    kv, d, h, i = config.num_kv_heads, config.head_dim, config.hidden_size, config.intermediate_size
+    g = config.num_heads // kv
+    every = slice(None)
+    return {"q": ((every, every, slice(0, g)), (h, kv, g, d)), "k": ((every, every, g), (h, kv, d)),
+            "v": ((every, every, g + 1), (h, kv, d)), "gate": ((every, 0), (h, i)), "up": ((every, 1), (h, i))}[part]
+
+
+def _fused(hf_name: str) -> tuple[tuple[str, ...], str] | None:
+    """(params path of the fused kernel, part) for a tensor stored inside one, else None."""
+    if not hf_name.startswith("model.layers."):
+        return None
+    _, _, n, suffix = hf_name.split(".", 3)
+    if suffix not in _FUSED:
+        return None
+    sub, part = _FUSED[suffix]
+    return (f"layers_{n}",) + sub, part
+
+
+def _fused_shape(config: LlamaConfig, path: tuple[str, ...]) -> tuple[int, ...]:
+    kv, d, h, i = config.num_kv_heads, config.head_dim, config.hidden_size, config.intermediate_size
+    return (h, kv, config.num_heads // kv + 2, d) if path[-2] == "qkv" else (h, 2, i)
 
 
 def hf_to_params(config: LlamaConfig, tensors: Mapping[str, Callable[[], np.ndarray]], where: str,
@@ -84,8 +117,8 @@ def hf_to_params(config: LlamaConfig, tensors: Mapping[str, Callable[[], np.ndar
         is read one tensor at a time).
       where: the file or directory, for error messages.
       display: maps a HF name to the name the user's file uses (GGUF names), for error messages.
-      convert: applied to each array in our layout as soon as it is read (e.g. the cast to a jax array), so a
-        checkpoint never sits in host memory twice.
+      convert: applied to each array in our layout as soon as it is complete (e.g. the cast to a jax array), so a
+        checkpoint never sits in host memory twice (a fused kernel is assembled in numpy first).
     Returns:
       nested dicts of converted arrays (numpy by default) in the `model.Llama` params layout.
     """
@@ -100,30 +133,55 @@ def hf_to_params(config: LlamaConfig, tensors: Mapping[str, Callable[[], np.ndar
         raise MedusaError(f"{where}: tensor {display(missing[0])!r} is missing ({len(missing)} missing in all); "
                           "the checkpoint is incomplete or does not match its config")
     params: dict = {}
+    pending: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}  # fused kernels being filled: (array, parts left)
+
+    def put(path: tuple[str, ...], value: Any) -> None:
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+
     for name, shape in expected.items():
         array = tensors[name]()
         if tuple(array.shape) != shape:
             raise MedusaError(f"{where}: tensor {display(name)!r} has shape {list(array.shape)} but the config "
                               f"implies {list(shape)}; the weights do not match the config")
+        fused = _fused(name)
+        if fused:
+            path, part = fused
+            if path not in pending:
+                parts = sum(p == path[1:] for p, _ in _FUSED.values())
+                pending[path] = (np.empty(_fused_shape(config, path), array.dtype), parts)
+            kernel, left = pending[path]
+            index, ours = _fused_part(config, part)
+            kernel[index] = array.T.reshape(ours)
+            if left == 1:
+                put(path, convert(pending.pop(path)[0]))
+            else:
+                pending[path] = (kernel, left - 1)
+            continue
         path, transposed = param_path(name)
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = convert(array.T if transposed else array)  # .T is a view: `convert` copies at most once
+        put(path, convert(array.T if transposed else array))  # .T is a view: `convert` copies at most once
     return params
+
+
+def hf_tensor(config: LlamaConfig, base: Mapping, hf_name: str) -> np.ndarray:
+    """One HF-named tensor, in HF [out, in] layout, read from Flax params (a view where the layout allows)."""
+    fused = _fused(hf_name)
+    path, transposed = (fused[0], True) if fused else param_path(hf_name)
+    array = base
+    for key in path:
+        array = array[key]
+    array = np.asarray(array)
+    if fused:
+        index, _ = _fused_part(config, fused[1])
+        array = array[index].reshape(array.shape[0], -1)  # [in, out]
+    return array.T if transposed else array
 
 
 def params_to_hf(config: LlamaConfig, base: Mapping) -> dict[str, np.ndarray]:
     """The inverse of `hf_to_params`: Flax params -> {HF name: array in [out, in] layout} (tied lm_head omitted)."""
-    out = {}
-    for name in hf_shapes(config):
-        path, transposed = param_path(name)
-        array = base
-        for key in path:
-            array = array[key]
-        array = np.asarray(array)
-        out[name] = np.ascontiguousarray(array.T) if transposed else array
-    return out
+    return {name: np.ascontiguousarray(hf_tensor(config, base, name)) for name in hf_shapes(config)}
 
 
 def gguf_to_hf_name(name: str) -> str | None:
