@@ -8,7 +8,8 @@ Medusa pays off when a forward of the N tree nodes costs little more than a forw
 decoding streams every weight once per step whatever N is, so the extra rows should be nearly free. Whether they
 are depends on the matmul kernels: this script times the decoder's matmuls alone (for each of the model's layers
 its fused q/k/v, o, fused gate/up and down projections as `model.Llama` runs them, or with `--projections
-separate` the seven unfused ones; distinct weights per layer so nothing stays in cache between layers), as one jitted function in JAX and as a loop of `torch.nn.functional.linear` calls, for M input rows.
+separate` the seven unfused ones; distinct weights per layer so nothing stays in cache between layers), as one
+jitted function in JAX and as a loop of `torch.nn.functional.linear` calls, for M input rows.
 It prints milliseconds per forward and the ratio to the first M (with M = 1 first: the tree step's matmul cost
 relative to plain decoding).
 """

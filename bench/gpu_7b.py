@@ -252,8 +252,8 @@ def markdown(res: dict) -> str:
     lines = [f"## {res['config']} decoding and training speed: {m['device']} ({res['dtype']}, batch 1, "
              f"{res['prompt_len']} cached tokens)", "", "| measurement | value | target |", "|---|---|---|"]
     if "bandwidth_Bps" in bw:
-        lines += [f"| device bandwidth (copy / reduction) | {bw['bandwidth_copy_Bps'] / 1e12:.2f} / "
-                  f"{bw['bandwidth_reduce_Bps'] / 1e12:.2f} TB/s | |",
+        lines += [f"| device bandwidth (copy / reduction) | {bw['bandwidth_copy_Bps'] / 1e9:.1f} / "
+                  f"{bw['bandwidth_reduce_Bps'] / 1e9:.1f} GB/s | |",
                   f"| weight-streaming floor ({bw['weight_bytes'] / 1e9:.2f} GB) | {bw['floor_ms']:.3f} ms "
                   f"({bw['floor_tokens_per_s']:.0f} tokens/s) | |"]
     if "ar" in dec:

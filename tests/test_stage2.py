@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -118,6 +119,28 @@ def test_resume_gives_the_same_parameters(full_run, tmp_path):
     half = _train(TINY + ["--steps", "10", "--out", str(split), "--stop-at", "4"])
     assert half["stopped"] == "stop_at" and Checkpoints(str(split), create=False).latest_step() == 4
     resumed = _train(["--resume", str(split), "--no-progress"])
+    assert resumed["step"] == 10 and resumed["stopped"] == "done"
+    for a, b in zip(jax.tree.leaves(full_run["params"]), jax.tree.leaves(resumed["params"])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_of_the_unfused_layout_resumes(full_run, tmp_path):
+    """A run stopped before the fused q/k/v and gate/up kernels resumes (train/legacy_layout.py)."""
+    import orbax.checkpoint as ocp
+
+    from train import legacy_layout
+
+    run = tmp_path / "old_layout"
+    _train(TINY + ["--steps", "10", "--out", str(run), "--stop-at", "4"])
+    ckpts = Checkpoints(str(run), create=False)
+    step, meta = ckpts.read_meta()
+    saved = ckpts._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    old = legacy_layout.unfuse(medusa_jax.load("tiny").config, saved)  # as the old code wrote it
+    assert "q" in old["params"]["base"]["layers_0"]["attn"] and "gate" in old["params"]["base"]["layers_0"]["mlp"]
+    ckpts.close()
+    shutil.rmtree(run / "ckpt")
+    Checkpoints(str(run)).save(step, old, meta)
+    resumed = _train(["--resume", str(run), "--no-progress"])
     assert resumed["step"] == 10 and resumed["stopped"] == "done"
     for a, b in zip(jax.tree.leaves(full_run["params"]), jax.tree.leaves(resumed["params"])):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

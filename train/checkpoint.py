@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -84,12 +84,33 @@ class Checkpoints:
                               "folder to resume from an earlier checkpoint, or start a new --out") from None
         return step, dict(restored["meta"])
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[int, Any, dict]:
+    def restore(self, target: Any, step: int | None = None,
+                convert: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None) -> tuple[int, Any, dict]:
         """(step, state shaped like `target`, meta). `target` is a pytree of arrays (or ShapeDtypeStructs) of the
-        saved structure; a shape or structure mismatch raises MedusaError."""
+        saved structure; a shape or structure mismatch raises MedusaError. `convert` = (to_old, from_old) reads a
+        checkpoint of an older parameter layout: if the checkpoint does not match `target`, it is read as
+        `to_old(target)` and returned as `from_old(state)` (train/legacy_layout.py)."""
         step = self._require(step)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
                                 if not isinstance(x, jax.ShapeDtypeStruct) else x, target)
+        try:
+            state, meta = self._read(step, abstract)
+        except MedusaError as current:
+            if convert is None:
+                raise
+            try:
+                state, meta = self._read(step, convert[0](abstract))
+            except MedusaError:
+                raise current from None  # the error about the current layout, which is what the user should fix
+            state = convert[1](state)
+        got = jax.tree.map(np.shape, state)
+        want = jax.tree.map(lambda x: tuple(x.shape), abstract)
+        if jax.tree.structure(state) != jax.tree.structure(abstract) or got != want:
+            raise MedusaError(f"checkpoint {self.directory}/{step} holds differently shaped parameters than this "
+                              "run builds; resume with the run's original shape flags or start a new --out")
+        return step, state, meta
+
+    def _read(self, step: int, abstract: Any) -> tuple[Any, dict]:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -99,12 +120,10 @@ class Checkpoints:
                               "resume with the run's original shape flags, or delete that folder if it is damaged "
                               "(an earlier checkpoint is then used)") from None
         state = restored["state"]
-        got = jax.tree.map(np.shape, state)
-        want = jax.tree.map(lambda x: tuple(x.shape), abstract)
-        if jax.tree.structure(state) != jax.tree.structure(abstract) or got != want:
+        if jax.tree.structure(state) != jax.tree.structure(abstract):
             raise MedusaError(f"checkpoint {self.directory}/{step} holds differently shaped parameters than this "
                               "run builds; resume with the run's original shape flags or start a new --out")
-        return step, state, dict(restored["meta"])
+        return state, dict(restored["meta"])
 
     def _require(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step

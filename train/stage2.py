@@ -39,7 +39,7 @@ import numpy as np
 from medusa_jax import model
 from medusa_jax.config import HeadsConfig
 from medusa_jax.errors import MedusaError, cli_errors
-from train import cli_common, joint, loop, quality, reporting
+from train import cli_common, joint, legacy_layout, loop, quality, reporting
 from train.checkpoint import Checkpoints
 from train.hidden_cache import build_if_it_fits
 from train.parallel import Sharded
@@ -212,7 +212,7 @@ def train(args, meta: dict | None = None) -> dict:
     ckpts = Checkpoints(run_dir, keep=args.keep)
     start_step = 0
     if meta is not None:
-        start_step, state, meta = ckpts.restore(state)
+        start_step, state, meta = ckpts.restore(state, convert=legacy_layout.converters(config))
         it = BatchIterator(train_ds, args.batch_size, args.seed, DataPosition.from_dict(meta["data_position"]))
         print(f"resuming {run_dir} at step {start_step} of {total_steps}", file=sys.stderr)
 
