@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from medusa_jax.config import LlamaConfig
+from medusa_jax.loading import names
 
 
 def _is_array(x: Any) -> bool:
@@ -50,15 +51,10 @@ def _join(kernels: list[Any], parts: list[tuple[Any, tuple[int, ...]]], shape: t
     return out
 
 
-def _layout(config: LlamaConfig) -> dict[str, tuple[list[str], tuple[int, ...], list]]:
-    """Fused name -> (old names, fused kernel shape, (index, part shape) per old name)."""
-    kv, d, h, i = config.num_kv_heads, config.head_dim, config.hidden_size, config.intermediate_size
-    g = config.num_heads // kv
-    every = slice(None)
-    qkv = [((every, every, slice(0, g)), (h, kv, g, d)), ((every, every, g), (h, kv, d)),
-           ((every, every, g + 1), (h, kv, d))]
-    gate_up = [((every, 0), (h, i)), ((every, 1), (h, i))]
-    return {"qkv": (["q", "k", "v"], (h, kv, g + 2, d), qkv), "gate_up": (["gate", "up"], (h, 2, i), gate_up)}
+def _layout(config: LlamaConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], list]]:
+    """Fused name -> (old names, fused kernel shape, (index, part shape) per old name), from the loaders' map."""
+    return {name: (parts, names.fused_shape(config, name), [names.fused_part(config, p) for p in parts])
+            for name, parts in names.FUSED_PARTS.items()}
 
 
 def _map_dicts(fn: Any, tree: Any) -> Any:

@@ -79,7 +79,10 @@ def param_path(hf_name: str) -> tuple[tuple[str, ...], bool]:
     return (f"layers_{n}",) + path, transposed
 
 
-def _fused_part(config: LlamaConfig, part: str) -> tuple[tuple, tuple[int, ...]]:
+FUSED_PARTS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}  # fused kernel -> its parts, in order
+
+
+def fused_part(config: LlamaConfig, part: str) -> tuple[tuple, tuple[int, ...]]:
     """Where a fused part sits in its kernel (an index into it) and the part's shape there. q/k/v: kernel
     [H, Kv, G + 2, D], query heads at [:, :, :G] (head h = group h // G), key at [:, :, G], value at [:, :, G + 1];
     gate/up: kernel [H, 2, I] at [:, 0] and [:, 1]."""
@@ -101,9 +104,10 @@ def _fused(hf_name: str) -> tuple[tuple[str, ...], str] | None:
     return (f"layers_{n}",) + sub, part
 
 
-def _fused_shape(config: LlamaConfig, path: tuple[str, ...]) -> tuple[int, ...]:
+def fused_shape(config: LlamaConfig, kernel: str) -> tuple[int, ...]:
+    """Shape of a fused kernel: "qkv" [H, Kv, G + 2, D] or "gate_up" [H, 2, I]."""
     kv, d, h, i = config.num_kv_heads, config.head_dim, config.hidden_size, config.intermediate_size
-    return (h, kv, config.num_heads // kv + 2, d) if path[-2] == "qkv" else (h, 2, i)
+    return (h, kv, config.num_heads // kv + 2, d) if kernel == "qkv" else (h, 2, i)
 
 
 def hf_to_params(config: LlamaConfig, tensors: Mapping[str, Callable[[], np.ndarray]], where: str,
@@ -150,10 +154,9 @@ def hf_to_params(config: LlamaConfig, tensors: Mapping[str, Callable[[], np.ndar
         if fused:
             path, part = fused
             if path not in pending:
-                parts = sum(p == path[1:] for p, _ in _FUSED.values())
-                pending[path] = (np.empty(_fused_shape(config, path), array.dtype), parts)
+                pending[path] = (np.empty(fused_shape(config, path[-2]), array.dtype), len(FUSED_PARTS[path[-2]]))
             kernel, left = pending[path]
-            index, ours = _fused_part(config, part)
+            index, ours = fused_part(config, part)
             kernel[index] = array.T.reshape(ours)
             if left == 1:
                 put(path, convert(pending.pop(path)[0]))
@@ -174,7 +177,7 @@ def hf_tensor(config: LlamaConfig, base: Mapping, hf_name: str) -> np.ndarray:
         array = array[key]
     array = np.asarray(array)
     if fused:
-        index, _ = _fused_part(config, fused[1])
+        index, _ = fused_part(config, fused[1])
         array = array[index].reshape(array.shape[0], -1)  # [in, out]
     return array.T if transposed else array
 
