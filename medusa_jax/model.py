@@ -94,10 +94,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         n, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         g = n // kv_heads
-        # Q, K and V in one matmul: a batch-1 decoding step on CPU is 2 ms faster with 60 fewer weight-matmul calls
-        # per SmolLM2 step (BENCHMARKS.md, "Fused QKV and gate/up projections"). The kernel [H, Kv, G + 2, D] keeps
-        # each KV group's G query heads, its key and its value together, so tensor parallelism over the Kv axis
-        # splits it into whole groups and attention needs no communication.
+        # Q, K and V in one matmul (and gate/up in one, `MLP`): a batch-1 SmolLM2 decoding step on CPU is about 3 ms
+        # faster with 120 weight-matmul calls instead of 210 (BENCHMARKS.md, "Fused QKV and gate/up projections").
+        # The kernel [H, Kv, G + 2, D] keeps each KV group's G query heads, its key and its value together, so
+        # tensor parallelism over the Kv axis splits it into whole groups and attention needs no communication.
+        # That holds when the tensor size divides Kv; otherwise the kernel is replicated (SmolLM2: Kv = 3).
         qkv = nn.DenseGeneral((kv_heads, g + 2, d), use_bias=False, name="qkv")(x)  # [B, T, Kv, G + 2, D]
         q = qkv[:, :, :, :g].reshape(b, t, n, d)  # query head h uses KV head h // G, as in HF
         k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, Kv, D]

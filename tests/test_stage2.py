@@ -1,5 +1,6 @@
 """Stage-2 joint training on the tiny model: loss, KL teacher, learning-rate groups, resume, sharding, export."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,15 +14,16 @@ import numpy as np
 import pytest
 
 import medusa_jax
-from medusa_jax import model
+from medusa_jax import MedusaError, model
 from medusa_jax.config import HeadsConfig
 from train import joint, loop, stage2
 from train.checkpoint import Checkpoints
 from train.synthetic import synthetic_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR = 2e-3
 TINY = ["--model", "tiny", "--seq-len", "32", "--batch-size", "8", "--accept-prompts", "0", "--guard-prompts", "2",
-        "--guard-tokens", "8", "--no-progress", "--base-loss", "kl", "--lr", "2e-3", "--log-every", "2"]
+        "--guard-tokens", "8", "--no-progress", "--base-loss", "kl", "--lr", str(LR), "--log-every", "2"]
 
 
 def _train(argv):
@@ -90,11 +92,12 @@ def test_lambda0_warmups():
 def test_learning_rate_groups_and_weight_decay_mask():
     opt, schedules = joint.make_joint_optimizer(
         loop.OptimConfig(lr=1e-3, total_steps=10, warmup_fraction=0.0, weight_decay=0.5), head_lr=4e-3)
-    params = {"base": {"layers_0": {"mlp": {"up": {"kernel": jnp.ones((2, 2))}}, "attn_norm": {"scale": jnp.ones(2)}}},
+    params = {"base": {"layers_0": {"mlp": {"gate_up": {"kernel": jnp.ones((2, 2, 2))}},
+                                    "attn_norm": {"scale": jnp.ones(2)}}},
               "heads": {"res_0_kernel": jnp.ones((1, 2, 2)), "res_0_bias": jnp.ones((1, 2))}}
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zero, opt.init(params), params)  # zero gradient: only weight decay moves weights
-    assert float(jnp.abs(updates["base"]["layers_0"]["mlp"]["up"]["kernel"]).max()) == pytest.approx(5e-4)
+    assert float(jnp.abs(updates["base"]["layers_0"]["mlp"]["gate_up"]["kernel"]).max()) == pytest.approx(5e-4)
     assert float(jnp.abs(updates["heads"]["res_0_kernel"]).max()) == pytest.approx(2e-3)
     assert float(jnp.abs(updates["base"]["layers_0"]["attn_norm"]["scale"]).max()) == 0.0  # no decay on norms
     assert float(jnp.abs(updates["heads"]["res_0_bias"]).max()) == 0.0  # nor on biases
@@ -125,21 +128,39 @@ def test_resume_gives_the_same_parameters(full_run, tmp_path):
 
 
 def test_a_checkpoint_of_the_unfused_layout_resumes(full_run, tmp_path):
-    """A run stopped before the fused q/k/v and gate/up kernels resumes (train/legacy_layout.py)."""
-    import orbax.checkpoint as ocp
-
+    """A run stopped before the fused q/k/v and gate/up kernels resumes (train/legacy_layout.py); one of another
+    shape still gets the one-line error."""
     from train import legacy_layout
 
+    config = medusa_jax.load("tiny").config
     run = tmp_path / "old_layout"
     _train(TINY + ["--steps", "10", "--out", str(run), "--stop-at", "4"])
+    optimizer, _ = joint.make_joint_optimizer(loop.OptimConfig(lr=LR, total_steps=10), LR)
+    target = loop.TrainState.create(jax.tree.map(np.asarray, full_run["params"]), optimizer, 0)  # the run's state
     ckpts = Checkpoints(str(run), create=False)
-    step, meta = ckpts.read_meta()
-    saved = ckpts._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    old = legacy_layout.unfuse(medusa_jax.load("tiny").config, saved)  # as the old code wrote it
-    assert "q" in old["params"]["base"]["layers_0"]["attn"] and "gate" in old["params"]["base"]["layers_0"]["mlp"]
+    step, saved, meta = ckpts.restore(target)
+    old = legacy_layout.unfuse(config, saved)  # as the code before 7b8ebde wrote it
+    assert {"q", "k", "v"} <= set(old.params["base"]["layers_0"]["attn"])
+    assert {"gate", "up"} <= set(old.params["base"]["layers_0"]["mlp"])
     ckpts.close()
     shutil.rmtree(run / "ckpt")
     Checkpoints(str(run)).save(step, old, meta)
+
+    # A run of another shape (a wider MLP) must not mistake it for its own old layout.
+    wide = dataclasses.replace(config, intermediate_size=2 * config.intermediate_size)
+
+    def widen(path, x):
+        shape = np.shape(x)
+        if "gate_up" in jax.tree_util.keystr(path):
+            shape = shape[:-1] + (wide.intermediate_size,)
+        return jax.ShapeDtypeStruct(shape, np.asarray(x).dtype)
+
+    for wrong, convert in [(jax.tree_util.tree_map_with_path(widen, target), legacy_layout.converters(wide)),
+                           (target, None)]:  # no converter: the old layout is not the run's
+        with pytest.raises(MedusaError, match="resume with the run's original shape flags") as error:
+            Checkpoints(str(run), create=False).restore(wrong, convert=convert)
+        assert "\n" not in str(error.value)
+
     resumed = _train(["--resume", str(run), "--no-progress"])
     assert resumed["step"] == 10 and resumed["stopped"] == "done"
     for a, b in zip(jax.tree.leaves(full_run["params"]), jax.tree.leaves(resumed["params"])):

@@ -103,11 +103,6 @@ class Checkpoints:
             except MedusaError:
                 raise current from None  # the error about the current layout, which is what the user should fix
             state = convert[1](state)
-        got = jax.tree.map(np.shape, state)
-        want = jax.tree.map(lambda x: tuple(x.shape), abstract)
-        if jax.tree.structure(state) != jax.tree.structure(abstract) or got != want:
-            raise MedusaError(f"checkpoint {self.directory}/{step} holds differently shaped parameters than this "
-                              "run builds; resume with the run's original shape flags or start a new --out")
         return step, state, meta
 
     def _read(self, step: int, abstract: Any) -> tuple[Any, dict]:
@@ -120,7 +115,11 @@ class Checkpoints:
                               "resume with the run's original shape flags, or delete that folder if it is damaged "
                               "(an earlier checkpoint is then used)") from None
         state = restored["state"]
-        if jax.tree.structure(state) != jax.tree.structure(abstract):
+        # Orbax restores what is on disk whatever the target's shapes, so both structure and shapes are checked here
+        # (a checkpoint of another layout must fail here, before `convert` sees it).
+        same = (jax.tree.structure(state) == jax.tree.structure(abstract)
+                and jax.tree.map(np.shape, state) == jax.tree.map(lambda x: tuple(x.shape), abstract))
+        if not same:
             raise MedusaError(f"checkpoint {self.directory}/{step} holds differently shaped parameters than this "
                               "run builds; resume with the run's original shape flags or start a new --out")
         return state, dict(restored["meta"])

@@ -28,17 +28,14 @@ def _is_array(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def _like(x: Any, shape: tuple[int, ...]) -> Any:
-    return jax.ShapeDtypeStruct(shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else None
-
-
 def _split(kernel: Any, parts: list[tuple[Any, tuple[int, ...]]]) -> list[Any]:
     """[in, ...] kernel -> one [in, out] kernel per (index, part shape); masks and shapes pass through."""
     if not _is_array(kernel):
         return [kernel] * len(parts)  # an optax MaskedNode: this optimizer branch does not hold the kernel
     h = kernel.shape[0]
-    return [_like(kernel, (h, int(np.prod(shape[1:])))) if isinstance(kernel, jax.ShapeDtypeStruct)
-            else np.asarray(kernel)[index].reshape(h, -1) for index, shape in parts]
+    if isinstance(kernel, jax.ShapeDtypeStruct):  # a restore target (read to host: its sharding is not needed)
+        return [jax.ShapeDtypeStruct((h, int(np.prod(shape[1:]))), kernel.dtype) for _, shape in parts]
+    return [np.asarray(kernel)[index].reshape(h, -1) for index, _ in parts]
 
 
 def _join(kernels: list[Any], parts: list[tuple[Any, tuple[int, ...]]], shape: tuple[int, ...]) -> Any:
@@ -51,10 +48,17 @@ def _join(kernels: list[Any], parts: list[tuple[Any, tuple[int, ...]]], shape: t
     return out
 
 
+# The on-disk names of the old layout, pinned here: they must not follow a future renaming in `names`.
+OLD_NAMES = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
 def _layout(config: LlamaConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], list]]:
     """Fused name -> (old names, fused kernel shape, (index, part shape) per old name), from the loaders' map."""
+    if names.FUSED_PARTS != OLD_NAMES:
+        raise AssertionError(f"the loaders' fused parts {names.FUSED_PARTS} no longer match the old layout "
+                             f"{OLD_NAMES}: map them onto each other here")
     return {name: (parts, names.fused_shape(config, name), [names.fused_part(config, p) for p in parts])
-            for name, parts in names.FUSED_PARTS.items()}
+            for name, parts in OLD_NAMES.items()}
 
 
 def _map_dicts(fn: Any, tree: Any) -> Any:

@@ -60,7 +60,8 @@ FSDP_RULES: tuple[tuple[str, Any], ...] = (
     ("seq", None),
     ("embed", FSDP_AXIS),  # the hidden-size side of every weight matrix
     ("qkv", TENSOR_AXIS),  # attention heads x head_dim
-    ("kv_groups", TENSOR_AXIS),  # the fused Q/K/V kernel's KV-group axis: whole groups per device
+    ("kv_groups", TENSOR_AXIS),  # fused Q/K/V kernel's KV-group axis: whole groups per device if tensor | Kv,
+    # else replicated (`_fit`; SmolLM2 has Kv = 3, so --tensor 2 replicates it)
     ("mlp", TENSOR_AXIS),  # the SwiGLU inner width
     ("vocab", TENSOR_AXIS),
     ("medusa", None),  # the K heads' stacking axis

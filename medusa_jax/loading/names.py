@@ -107,7 +107,7 @@ def _fused(hf_name: str) -> tuple[tuple[str, ...], str] | None:
 def fused_shape(config: LlamaConfig, kernel: str) -> tuple[int, ...]:
     """Shape of a fused kernel: "qkv" [H, Kv, G + 2, D] or "gate_up" [H, 2, I]."""
     kv, d, h, i = config.num_kv_heads, config.head_dim, config.hidden_size, config.intermediate_size
-    return (h, kv, config.num_heads // kv + 2, d) if kernel == "qkv" else (h, 2, i)
+    return {"qkv": (h, kv, config.num_heads // kv + 2, d), "gate_up": (h, 2, i)}[kernel]
 
 
 def hf_to_params(config: LlamaConfig, tensors: Mapping[str, Callable[[], np.ndarray]], where: str,
@@ -156,10 +156,13 @@ def hf_to_params(config: LlamaConfig, tensors: Mapping[str, Callable[[], np.ndar
             if path not in pending:
                 pending[path] = (np.empty(fused_shape(config, path[-2]), array.dtype), len(FUSED_PARTS[path[-2]]))
             kernel, left = pending[path]
+            if array.dtype != kernel.dtype and kernel.dtype != np.float32:  # mixed precision: float32 holds all
+                kernel = kernel.astype(np.float32)
             index, ours = fused_part(config, part)
             kernel[index] = array.T.reshape(ours)
             if left == 1:
-                put(path, convert(pending.pop(path)[0]))
+                del pending[path]
+                put(path, convert(kernel))
             else:
                 pending[path] = (kernel, left - 1)
             continue
