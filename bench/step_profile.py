@@ -37,12 +37,21 @@ from medusa_jax.config import HeadsConfig  # noqa: E402
 from medusa_jax.errors import MedusaError, cli_errors  # noqa: E402
 
 
-# Control-flow ops whose events enclose the events of the ops they run: counting them would count time twice.
-_CONTAINERS = {"while", "call", "conditional"}
+# Control-flow ops (by HLO opcode) whose events enclose the events of the ops they run: counting them would count
+# time twice. Their names vary (`while.3`, `cond.13.clone` for a `lax.switch`), so they are found by opcode.
+_CONTAINER_OP = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = .*?\b(?:while|conditional|call)\(", re.M)
 
 
-def op_times(trace_dir: str, op_names: set[str]) -> tuple[collections.Counter, collections.Counter]:
-    """Total nanoseconds and calls per op kind (HLO name without its `.N` suffix) over the trace in `trace_dir`."""
+def hlo_ops(hlo_text: str) -> tuple[set[str], set[str]]:
+    """(every instruction name, the names of control-flow instructions) in compiled HLO text."""
+    names = set(re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = ", hlo_text, re.M))
+    return names, set(_CONTAINER_OP.findall(hlo_text))
+
+
+def op_times(trace_dir: str, op_names: set[str], containers: set[str] = frozenset()
+             ) -> tuple[collections.Counter, collections.Counter]:
+    """Total nanoseconds and calls per op kind (HLO name without its `.N` suffix) over the trace in `trace_dir`;
+    the instructions in `containers` are left out."""
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
     if not files:
         raise MedusaError(f"jax.profiler wrote no trace under {trace_dir}; check that the profiler works here")
@@ -52,7 +61,7 @@ def op_times(trace_dir: str, op_names: set[str]) -> tuple[collections.Counter, c
         for line in plane.lines:
             for ev in line.events:
                 kind = re.sub(r"\.\d+$", "", ev.name)
-                if ev.name in op_names and kind not in _CONTAINERS:
+                if ev.name in op_names and ev.name not in containers:
                     ns[kind] += ev.duration_ns
                     calls[kind] += 1
     return ns, calls
@@ -64,7 +73,7 @@ def profile(args) -> dict:
     base, heads = gpu_7b.random_model(cfg, hc, jnp.dtype(args.dtype))
     paths = gpu_7b.tree_paths(args.nodes, hc.num_heads) if args.nodes > 1 else []
     run, run_args, info = gpu_7b.step_runner(args, cfg, hc, base, heads, paths)
-    op_names = set(re.findall(r"^\s*(?:ROOT )?%?([\w.-]+) = ", run.lower(*run_args).compile().as_text(), re.M))
+    op_names, containers = hlo_ops(run.lower(*run_args).compile().as_text())
     jax.block_until_ready(run(*run_args))  # compile
     step_ms = 1e3 * gpu_7b._best_time(lambda: run(*run_args), args.repeats) / args.decode_steps
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -72,7 +81,7 @@ def profile(args) -> dict:
         for _ in range(args.profile_runs):
             jax.block_until_ready(run(*run_args))
         jax.profiler.stop_trace()
-        ns, calls = op_times(trace_dir, op_names)
+        ns, calls = op_times(trace_dir, op_names, containers)
     steps = args.profile_runs * args.decode_steps
     rows = [{"op": k, "ms_per_step": v / 1e6 / steps, "calls_per_step": calls[k] / steps,
              "us_per_call": v / 1e3 / calls[k]} for k, v in ns.most_common()]

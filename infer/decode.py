@@ -14,6 +14,8 @@ made XLA copy every cache buffer on every step (an in-place write after in-place
 before the forward, all writes precede all reads and the cache stays in place.
 The next drafts come from the Medusa heads applied to the hidden state at the last accepted node of the same pass:
 no extra forward. Plain decoding is the same loop over the root-only tree (N = 1, no heads).
+The cache is sized for the longest generation, but each forward's attention reads only the smallest window of it
+that holds the live slots (`model.window_sizes`), so early steps of a long generation stay cheap.
 
 Nothing leaves the device per step except, when streaming, each step's emitted tokens (an ordered
 `jax.debug.callback`).
@@ -143,7 +145,7 @@ def prefill(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cac
     rows = jnp.arange(b)
     positions = jnp.broadcast_to(jnp.arange(tb, dtype=jnp.int32), (b, tb))
     mask = jnp.broadcast_to(jnp.arange(s)[None, None, :] <= jnp.arange(tb)[None, :, None], (b, tb, s))
-    hidden, cache = model.forward(spec.config, base, prompt, positions, mask, cache, jnp.int32(0))
+    hidden, cache = model.forward(spec.config, base, prompt, positions, mask, cache, jnp.int32(0), window=tb)
     last = hidden[rows, prompt_len - 1]  # [B, H]
     rng, key = jax.random.split(rng)
     root = _root(spec, key, model.logits(spec.config, base, last), temperature, top_p)
@@ -178,8 +180,9 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
     candidates = jnp.concatenate([st.root[:, None], st.drafts.reshape(b, -1)], axis=1)  # [B, 1 + Kd*k]
     tokens = candidates[:, tree.candidate_index]  # [B, N]
     positions = start[:, None] + jnp.asarray(tree.depth)[None, :]
+    # Attention reads only the live part of the cache: no node sees a slot at or beyond max(start) + N.
     hidden, cache = model.forward(spec.config, base, tokens, positions, tree_mask(spec, start), cache,
-                                  _cache_index(start))
+                                  _cache_index(start), window=jnp.max(start) + n)
     logits = model.logits(spec.config, base, hidden)  # [B, N, V]: base logits at the tree nodes only
     if spec.rule == "greedy":
         acc = acceptance.greedy(tree, tokens, logits)

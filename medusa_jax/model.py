@@ -82,6 +82,59 @@ def write_cache(cache: Array, new: Array, index: Array, slot_axis: int) -> Array
     return out.reshape(cache.shape)
 
 
+WINDOW_BLOCK = 128  # live-window granularity in cache slots (`window_sizes`)
+MAX_WINDOWS = 16  # at most this many window sizes per cache length: branches of one `lax.switch` per layer
+
+
+def window_sizes(slots: int) -> tuple[int, ...]:
+    """The attention windows a cache of `slots` slots offers: multiples of a block (128 slots, coarser for caches
+    beyond 16 blocks), ending at `slots`. A decoding step attends over the smallest one holding every live slot."""
+    block = WINDOW_BLOCK * -(-slots // (WINDOW_BLOCK * MAX_WINDOWS))
+    return tuple(range(block, slots, block)) + (slots,)
+
+
+def attend(q: Array, keys: Array, values: Array, mask: Array, scale: float) -> Array:
+    """Softmax attention of grouped queries over cache slots.
+
+    Args:
+      q: [B*Kv, G*T, D] queries, grouped by KV head (row b*Kv + h), rows ordered (group member, token).
+      keys: [B*Kv, S, D]; values: [B*Kv, D, S]; mask: [B, T, S] bool, True where token t may attend slot s.
+    Returns:
+      [B*Kv, G*T, D].
+    """
+    rows, gt, d = q.shape
+    b, t, s = mask.shape
+    kv_heads, g = rows // b, gt // t
+    scores = jnp.einsum("nqd,nsd->nqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kv_heads, g, t, s) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(rows, gt, s)
+    return jnp.einsum("nqs,nds->nqd", probs, values)
+
+
+def attend_window(q: Array, keys: Array, values: Array, mask: Array, scale: float,
+                  window: int | Array | None) -> Array:
+    """`attend` over slots [0, window) only: the slots at and beyond `window` must be masked for every query.
+
+    Decoding preallocates the cache for the longest generation, but early steps use a fraction of it and
+    attention's cost grows with the slots it reads (BENCHMARKS.md, "Attention over the live window"). `window`
+    is None (all slots), a Python int (a static slice) or a traced scalar: then `lax.switch` runs the branch
+    of the smallest `window_sizes` entry >= window, each branch a static slice of the same cache buffers.
+    """
+    s = keys.shape[1]
+    if window is None:
+        return attend(q, keys, values, mask, scale)
+    if isinstance(window, int):
+        w = min(max(window, 1), s)
+        return attend(q, keys[:, :w], values[:, :, :w], mask[..., :w], scale)
+    sizes = window_sizes(s)
+    if len(sizes) == 1:
+        return attend(q, keys, values, mask, scale)
+    branches = [lambda q, k, v, m, w=w: attend(q, k[:, :w], v[:, :, :w], m[..., :w], scale) for w in sizes]
+    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.asarray(window, jnp.int32))  # first size >= window
+    return jax.lax.switch(jnp.minimum(index, len(sizes) - 1), branches, q, keys, values, mask)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE over an optional preallocated KV cache."""
 
@@ -89,7 +142,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array, kv: tuple[Array, Array] | None,
-                 cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+                 cache_index: Array | None, window: int | Array | None = None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
         b, t, _ = x.shape
         n, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -110,13 +164,8 @@ class Attention(nn.Module):
             keys = write_cache(kv[0], keys, cache_index, 1)  # [B*Kv, S, D]
             values = write_cache(kv[1], values, cache_index, 2)  # [B*Kv, D, S]
             kv = (keys, values)
-        s = keys.shape[1]
         q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g * t, d)  # [B*Kv, G*T, D]
-        scores = jnp.einsum("nqd,nsd->nqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores.reshape(b, kv_heads, g, t, s) / math.sqrt(d)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)  # mask: [B, T, S]
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(b * kv_heads, g * t, s)
-        out = jnp.einsum("nqs,nds->nqd", probs, values)  # [B*Kv, G*T, D]
+        out = attend_window(q, keys, values, mask, 1 / math.sqrt(d), window)  # [B*Kv, G*T, D]
         out = out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)
         return nn.Dense(cfg.hidden_size, use_bias=False, name="o")(out.astype(x.dtype)), kv
 
@@ -140,10 +189,10 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv, cache_index):
+    def __call__(self, x, positions, mask, kv, cache_index, window=None):
         eps = self.config.rms_norm_eps
         h, kv = Attention(self.config, name="attn")(RMSNorm(eps, name="attn_norm")(x), positions, mask, kv,
-                                                   cache_index)
+                                                   cache_index, window)
         x = x + h
         x = x + MLP(self.config, name="mlp")(RMSNorm(eps, name="mlp_norm")(x))
         return x, kv
@@ -169,7 +218,8 @@ class Llama(nn.Module):
             self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False)
 
     def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
-                 cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | None = None, window: int | Array | None = None
+                 ) -> tuple[Array, KVCache | None]:
         """Runs the decoder.
 
         Args:
@@ -178,13 +228,15 @@ class Llama(nn.Module):
           mask: [B, T, S] bool, True where query t may attend slot s. S is the cache length, or T without a cache.
           cache: per-layer (keys [B*Kv, S, D], values [B*Kv, D, S]), or None for a cache-free causal forward.
           cache_index: scalar or [B] int, the slot where this call's T new entries are written.
+          window: None, or a bound (int, or int scalar array) such that no query attends a slot >= window:
+            attention then reads only the smallest of `window_sizes(S)` covering it (`attend_window`).
         Returns:
           hidden [B, T, H] after the final norm, and the updated cache (None without one).
         """
         x = self.embed(tokens)
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, positions, mask, None if cache is None else cache[i], cache_index)
+            x, kv = layer(x, positions, mask, None if cache is None else cache[i], cache_index, window)
             new_cache.append(kv)
         return self.final_norm(x), (None if cache is None else tuple(new_cache))
 
@@ -261,9 +313,10 @@ def lm_head_kernel(config: LlamaConfig, base: dict) -> Array:
 
 
 def forward(config: LlamaConfig, base: dict, tokens: Array, positions: Array, mask: Array,
-            cache: KVCache | None = None, cache_index: Array | None = None, remat: bool = False):
+            cache: KVCache | None = None, cache_index: Array | None = None, remat: bool = False,
+            window: int | Array | None = None):
     """Pure-function form of `Llama.__call__`: returns (hidden [B, T, H], cache)."""
-    return Llama(config, remat=remat).apply({"params": base}, tokens, positions, mask, cache, cache_index)
+    return Llama(config, remat=remat).apply({"params": base}, tokens, positions, mask, cache, cache_index, window)
 
 
 def logits(config: LlamaConfig, base: dict, hidden: Array) -> Array:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from infer import generate_ids
+from medusa_jax import model
 from medusa_jax.bundle import forward_logits
 from infer.testing import oracle_bundle, random_bundle
 
@@ -150,3 +153,38 @@ def test_capacity_stop_never_writes_past_the_cache(tree):
         assert cached <= slots < cached + nodes  # stopped exactly when the next tree would not fit
     if tree == "ar":
         assert [len(t) for t in out.tokens] == [slots - len(p) + 1 for p in prompts]
+
+
+@pytest.mark.parametrize("tree", ["ar", "mc_sim_7b_63"], ids=str)
+def test_long_generation_through_the_attention_windows(tree):
+    """Steps attend over the smallest cache window holding the live slots (model.window_sizes): a generation that
+    moves through several windows still equals the argmax of a cache-free forward at every token."""
+    bundle, prompt, max_new, slots = rand(), PROMPTS[20], 300, 640
+    assert model.window_sizes(slots) == (128, 256, 384, 512, 640)  # the generation crosses 128 and 256
+    out = generate_ids(bundle, [prompt], max_new_tokens=max_new, mode="greedy", tree=tree, stop_ids=(),
+                       cache_length=slots)
+    toks = out.tokens[0]
+    assert len(toks) == max_new
+    logits = np.asarray(forward_logits(bundle, [prompt + toks]))[0]  # [T, V]
+    assert np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist() == toks
+
+
+def test_attention_window_equals_full_attention():
+    """`attend_window` over a static or traced window equals `attend` over every slot when the slots beyond the
+    window are masked, for windows at and around the block boundaries (every query sees slot 0, as every decoding
+    query sees at least itself: a fully masked row is uniform over the slots read)."""
+    rng = np.random.default_rng(0)
+    b, kv, g, t, d, s = 2, 3, 2, 4, 8, 384
+    q = jnp.asarray(rng.standard_normal((b * kv, g * t, d)), jnp.float32)
+    keys = jnp.asarray(rng.standard_normal((b * kv, s, d)), jnp.float32)
+    values = jnp.asarray(rng.standard_normal((b * kv, d, s)), jnp.float32)
+    windowed = jax.jit(lambda m, w: model.attend_window(q, keys, values, m, 0.3, w))
+    assert model.window_sizes(s) == (128, 256, 384)
+    for live in (1, 127, 128, 129, 256, 300, 384):
+        mask = jnp.asarray(rng.random((b, t, s)) < 0.7) & (jnp.arange(s) < live) | (jnp.arange(s) == 0)
+        full = model.attend(q, keys, values, mask, 0.3)
+        np.testing.assert_allclose(windowed(mask, jnp.int32(live)), full, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(model.attend_window(q, keys, values, mask, 0.3, live), full, rtol=1e-6,
+                                   atol=1e-6)
+    assert len(model.window_sizes(4096)) == model.MAX_WINDOWS and model.window_sizes(4096)[-1] == 4096
+    assert model.window_sizes(100) == (100,)
