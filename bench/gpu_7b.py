@@ -11,7 +11,8 @@ Sections (`--sections`, each runs in its own try/except; a failure is printed an
   decode     our real decoding step (`infer.decode.step`, greedy) timed inside a `lax.fori_loop` of `--decode-steps`
              steps, as `generate` runs it in its while_loop: plain decoding (1 node), then trees of `--nodes` nodes
              grown by `medusa_jax.tree.grow_tree` from a typical head-accuracy profile. Batch 1, `--prompt-len`
-             tokens cached, cache slots sized as `infer.api` sizes them.
+             tokens cached, cache slots sized as `infer.api` sizes them, attention over the live window
+             (`--full-window`: over every slot, as before 7f90798).
   hf         transformers `LlamaForCausalLM` (random init, bf16, CUDA) greedy `generate` of `--hf-tokens` tokens
              after the same prompt length; its per-token time excludes the prefill (difference with a 1-token run).
   train      the stage-1 train step (`train.stage1.build_functions`: frozen base forward, 4 heads with the shared
@@ -133,7 +134,8 @@ def step_runner(args, cfg, hc, base, heads, paths: list):
     capacity = args.capacity
     cache_len = -(-(args.prompt_len + capacity + tree.num_nodes) // 128) * 128  # as infer.api sizes it
     spec = DecodeSpec(config=cfg, heads_config=hc if tree.max_depth else None, tree=tree, rule="greedy",
-                      use_top_p=False, capacity=capacity, cache_len=cache_len, stop_ids=())
+                      use_top_p=False, capacity=capacity, cache_len=cache_len, stop_ids=(),
+                      live_window=not getattr(args, "full_window", False))
     use_heads = heads if tree.max_depth else None
     scalars = (jnp.int32(capacity), jnp.float32(0.0), jnp.float32(1.0))
     # The loop carry as the prefill would leave it (shapes from eval_shape, so nothing is compiled for the prefill);
@@ -151,7 +153,8 @@ def step_runner(args, cfg, hc, base, heads, paths: list):
     def run(base, heads, st):
         return jax.lax.fori_loop(0, n, lambda i, s: decode.step(spec, base, heads, s, *scalars), st)
 
-    info = {"nodes": tree.num_nodes, "depth": tree.max_depth, "cache_len": cache_len}
+    info = {"nodes": tree.num_nodes, "depth": tree.max_depth, "cache_len": cache_len,
+            "live_window": spec.live_window}
     return run, (base, use_heads, state), info
 
 
@@ -297,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bw-mib", type=int, default=4096, help="array size of the bandwidth probe in MiB (default 4096)")
     a("--prompt-len", type=int, default=512, help="cached tokens (default 512)")
     a("--capacity", type=int, default=256, help="output capacity the cache is sized for (default 256)")
+    a("--full-window", action="store_true", help="decoding steps attend over every cache slot, not the live "
+      "window (the baseline of that change; on a GPU it also shows what the per-layer lax.switch costs)")
     a("--nodes", default="16,32,64,128", help="tree sizes in nodes, root included (default 16,32,64,128)")
     a("--decode-steps", type=int, default=64, help="steps per timed decoding loop (default 64)")
     a("--repeats", type=int, default=5, help="timed repeats, the best counts (default 5)")

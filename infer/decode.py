@@ -182,7 +182,7 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
     positions = start[:, None] + jnp.asarray(tree.depth)[None, :]
     # Attention reads only the live part of the cache: no node sees a slot at or beyond max(start) + N.
     hidden, cache = model.forward(spec.config, base, tokens, positions, tree_mask(spec, start), cache,
-                                  _cache_index(start), window=jnp.max(start) + n)
+                                  _cache_index(start), window=jnp.max(start) + n if spec.live_window else None)
     logits = model.logits(spec.config, base, hidden)  # [B, N, V]: base logits at the tree nodes only
     if spec.rule == "greedy":
         acc = acceptance.greedy(tree, tokens, logits)

@@ -36,6 +36,8 @@ class DecodeSpec:
       stop_ids: token ids that end a sequence (emitted, then the sequence stops).
       stream: push each step's tokens to the host (`decode.stream_to`).
       epsilon, delta: typical acceptance parameters.
+      live_window: decoding steps attend over the live window of the cache only (`model.window_sizes`, one
+        `lax.switch` per layer); False reads every slot (a measurement baseline: `bench/gpu_7b.py --full-window`).
     """
 
     config: LlamaConfig
@@ -49,6 +51,7 @@ class DecodeSpec:
     stream: bool = False
     epsilon: float = 0.09
     delta: float = 0.3
+    live_window: bool = True
 
     @property
     def num_heads_used(self) -> int:

@@ -221,6 +221,11 @@ def test_gpu_script_smoke_on_cpu(tmp_path, capsys):
     assert row["batch"] == 1 and row["tokens_per_s"] > 0 and np.isfinite(row["loss"])
     assert json.loads((tmp_path / "gpu_7b.json").read_text())["config"] == "tiny"
     assert "| our tree step, 6 nodes |" in capsys.readouterr().out
+    assert dec["ar"]["live_window"] and tree["live_window"]
+    full = gpu_7b.main(["--config", "tiny", "--dtype", "float32", "--sections", "decode", "--full-window",
+                        "--prompt-len", "48", "--capacity", "16", "--nodes", "6", "--decode-steps", "3", "--repeats",
+                        "1", "--out", str(tmp_path / "full")])["decode"]
+    assert not full["ar"]["live_window"] and full["ar"]["step_ms"] > 0 and full["trees"][0]["step_ms"] > 0
 
 
 def test_train_flops_count_base_forward_and_heads():
