@@ -39,7 +39,8 @@ from medusa_jax.errors import MedusaError, cli_errors  # noqa: E402
 
 # Control-flow ops (by HLO opcode) whose events enclose the events of the ops they run: counting them would count
 # time twice. Their names vary (`while.3`, `cond.13.clone` for a `lax.switch`), so they are found by opcode.
-_CONTAINER_OP = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = .*?\b(?:while|conditional|call)\(", re.M)
+# `(?<![\w-])` keeps `custom-call(` (a real op: oneDNN matmuls, TopK) out of the `call(` match.
+_CONTAINER_OP = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = .*?(?<![\w-])(?:while|conditional|call)\(", re.M)
 
 
 def hlo_ops(hlo_text: str) -> tuple[set[str], set[str]]:
@@ -48,9 +49,15 @@ def hlo_ops(hlo_text: str) -> tuple[set[str], set[str]]:
     return names, set(_CONTAINER_OP.findall(hlo_text))
 
 
+def op_kind(name: str) -> str:
+    """An HLO instruction's kind: its name less the `.N` / `.clone` suffixes XLA adds to copies (`dot.3.clone.1`)."""
+    return re.sub(r"(\.\d+|\.clone)+$", "", name)
+
+
 def op_times(trace_dir: str, op_names: set[str], containers: set[str] = frozenset()
              ) -> tuple[collections.Counter, collections.Counter]:
-    """Total nanoseconds and calls per op kind (HLO name without its `.N` suffix) over the trace in `trace_dir`;
+    """Total nanoseconds and calls per op kind (HLO name without its `.N` and `.clone` suffixes) over the trace in
+    `trace_dir`;
     the instructions in `containers` are left out."""
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
     if not files:
@@ -60,8 +67,8 @@ def op_times(trace_dir: str, op_names: set[str], containers: set[str] = frozense
     for plane in data.planes:
         for line in plane.lines:
             for ev in line.events:
-                kind = re.sub(r"\.\d+$", "", ev.name)
                 if ev.name in op_names and ev.name not in containers:
+                    kind = op_kind(ev.name)
                     ns[kind] += ev.duration_ns
                     calls[kind] += 1
     return ns, calls
@@ -100,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--decode-steps", type=int, default=20, help="steps per timed run (default 20)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs, best reported (default 5)")
     p.add_argument("--profile-runs", type=int, default=3, help="profiled runs (default 3)")
+    p.add_argument("--full-window", action="store_true",
+                   help="attend over every cache slot instead of the live window (DecodeSpec.live_window=False)")
     p.add_argument("--top", type=int, default=12, help="op kinds listed (default 12)")
     args = p.parse_args(argv)
     with cli_errors():
@@ -107,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise MedusaError("--nodes, --prompt-len, --decode-steps and --profile-runs must be positive")
         res = profile(args)
     print(f"{res['config']}, {args.dtype}, {res['nodes']} node(s), {args.prompt_len} tokens cached, "
-          f"{res['cache_len']} cache slots: step {res['step_ms']:.2f} ms (best of {args.repeats}, unprofiled); "
+          f"{res['cache_len']} cache slots ({'live window' if res['live_window'] else 'full window'}): step {res['step_ms']:.2f} ms (best of {args.repeats}, unprofiled); "
           f"{jax.devices()[0].device_kind}")
     print("| op kind | ms per step | calls per step | us per call |")
     print("|---|---|---|---|")

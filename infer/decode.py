@@ -180,9 +180,11 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
     candidates = jnp.concatenate([st.root[:, None], st.drafts.reshape(b, -1)], axis=1)  # [B, 1 + Kd*k]
     tokens = candidates[:, tree.candidate_index]  # [B, N]
     positions = start[:, None] + jnp.asarray(tree.depth)[None, :]
-    # Attention reads only the live part of the cache: no node sees a slot at or beyond max(start) + N.
+    # Attention reads only the live part of the cache: no node of an unfinished row sees a slot at or beyond
+    # max(start) + N. Finished rows (whose outputs are discarded) do not widen the window.
+    window = jnp.max(jnp.where(st.done, 0, start)) + n if spec.live_window else None
     hidden, cache = model.forward(spec.config, base, tokens, positions, tree_mask(spec, start), cache,
-                                  _cache_index(start), window=jnp.max(start) + n if spec.live_window else None)
+                                  _cache_index(start), window=window)
     logits = model.logits(spec.config, base, hidden)  # [B, N, V]: base logits at the tree nodes only
     if spec.rule == "greedy":
         acc = acceptance.greedy(tree, tokens, logits)

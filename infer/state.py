@@ -37,7 +37,8 @@ class DecodeSpec:
       stream: push each step's tokens to the host (`decode.stream_to`).
       epsilon, delta: typical acceptance parameters.
       live_window: decoding steps attend over the live window of the cache only (`model.window_sizes`, one
-        `lax.switch` per layer); False reads every slot (a measurement baseline: `bench/gpu_7b.py --full-window`).
+        `lax.switch` per layer); False makes them read every slot (a measurement baseline:
+        `bench/gpu_7b.py --full-window`). The prefill always reads exactly its own T slots.
     """
 
     config: LlamaConfig

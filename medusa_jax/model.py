@@ -1,7 +1,7 @@
 """The LLaMA/Vicuna decoder and the Medusa heads: the one model definition for training and inference.
 
-Shape legend: B batch, T new tokens in this call, S key/value slots attended (the KV cache length, or T without a
-cache), H hidden size, N query heads, Kv key/value heads, G = N / Kv query heads per KV head, D head_dim,
+Shape legend: B batch, T new tokens in this call, S key/value slots (the KV cache length, or T without a cache;
+attention may read only a prefix of the cache: `attend_window`), H hidden size, N query heads, Kv key/value heads, G = N / Kv query heads per KV head, D head_dim,
 V vocabulary, K Medusa heads.
 
 The forward takes explicit absolute positions and an explicit boolean mask, and reads/writes a preallocated KV
@@ -114,7 +114,8 @@ def attend(q: Array, keys: Array, values: Array, mask: Array, scale: float) -> A
 
 def attend_window(q: Array, keys: Array, values: Array, mask: Array, scale: float,
                   window: int | Array | None) -> Array:
-    """`attend` over slots [0, window) only: the slots at and beyond `window` must be masked for every query.
+    """`attend` over slots [0, window) only: the slots at and beyond `window` must be masked for every query whose
+    output is used (decoding lets finished rows, whose outputs are discarded, see a truncated cache).
 
     Decoding preallocates the cache for the longest generation, but early steps use a fraction of it and
     attention's cost grows with the slots it reads (BENCHMARKS.md, "Attention over the live window"). `window`
@@ -228,8 +229,9 @@ class Llama(nn.Module):
           mask: [B, T, S] bool, True where query t may attend slot s. S is the cache length, or T without a cache.
           cache: per-layer (keys [B*Kv, S, D], values [B*Kv, D, S]), or None for a cache-free causal forward.
           cache_index: scalar or [B] int, the slot where this call's T new entries are written.
-          window: None, or a bound (int, or int scalar array) such that no query attends a slot >= window:
-            attention then reads only the smallest of `window_sizes(S)` covering it (`attend_window`).
+          window: None (read every slot), or a bound such that no query attends a slot >= window. A Python int
+            reads exactly slots [0, window); an int scalar array reads the smallest of `window_sizes(S)` covering
+            it (one `lax.switch` per layer: `attend_window`).
         Returns:
           hidden [B, T, H] after the final norm, and the updated cache (None without one).
         """

@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download models
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite runs in two xdist workers: on a GPU, each would otherwise preallocate 75% of the device memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -276,3 +276,24 @@ def test_step_profile_groups_the_real_step_by_op_kind(capsys):
     assert not any(op.startswith(("while", "cond")) for op in ops), sorted(ops)
     assert res["step_ms"] > 0 and res["profiled_ms_per_step"] > 0
     assert "| dot |" in capsys.readouterr().out
+
+
+def test_step_profile_leaves_out_control_flow_by_opcode_only():
+    """`hlo_ops` marks while / conditional / call instructions as containers, whatever their names, and never a
+    custom-call (a real op); `op_kind` folds the `.N` and `.clone` suffixes of copies into one kind."""
+    from bench import step_profile
+
+    hlo = """
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %custom-call.2 = f32[4]{0} custom-call(f32[4]{0} %p), custom_call_target="TopK"
+  %cond.13.clone = f32[4]{0} conditional(s32[] %i, f32[4]{0} %p), branch_computations={%b0, %b1}
+  %while.3 = (s32[], f32[4]{0}) while((s32[], f32[4]{0}) %t), condition=%c, body=%body
+  %call = f32[4]{0} call(f32[4]{0} %p), to_apply=%f
+  ROOT %dot.3.clone.1 = f32[4]{0} dot(f32[4]{0} %p, f32[4]{0} %p)
+}
+"""
+    names, containers = step_profile.hlo_ops(hlo)
+    assert {"custom-call.2", "cond.13.clone", "while.3", "call", "dot.3.clone.1"} <= names
+    assert containers == {"cond.13.clone", "while.3", "call"}
+    assert [step_profile.op_kind(n) for n in ("dot.3.clone.1", "cond.13.clone", "fusion.12", "dot")] == \
+        ["dot", "cond", "fusion", "dot"]

@@ -157,16 +157,22 @@ def test_capacity_stop_never_writes_past_the_cache(tree):
 
 @pytest.mark.parametrize("tree", ["ar", "mc_sim_7b_63"], ids=str)
 def test_long_generation_through_the_attention_windows(tree):
-    """Steps attend over the smallest cache window holding the live slots (model.window_sizes): a generation that
-    moves through several windows still equals the argmax of a cache-free forward at every token."""
-    bundle, prompt, max_new, slots = rand(), PROMPTS[20], 300, 640
-    assert model.window_sizes(slots) == (128, 256, 384, 512, 640)  # the generation crosses 128 and 256
-    out = generate_ids(bundle, [prompt], max_new_tokens=max_new, mode="greedy", tree=tree, stop_ids=(),
-                       cache_length=slots)
-    toks = out.tokens[0]
-    assert len(toks) == max_new
-    logits = np.asarray(forward_logits(bundle, [prompt + toks]))[0]  # [T, V]
-    assert np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist() == toks
+    """Steps attend over the smallest cache window holding the live slots of the unfinished rows
+    (model.window_sizes). A batch of two: a long prompt that stops early (its finished row no longer widens the
+    window) and a short one that goes on through several windows; both equal plain greedy decoding, and the long
+    run equals the argmax of a cache-free forward at every token."""
+    bundle, max_new, slots = rand(), 300, 640
+    assert model.window_sizes(slots) == (128, 256, 384, 512, 640)  # the short row crosses 128 and 256
+    long_prompt, short = [(7 * i + 2) % 200 + 1 for i in range(180)], PROMPTS[20]
+    head = reference("rand", tuple(long_prompt), 12)
+    cut = next(i for i in range(4, 12) if head[i] not in head[:i])  # stop the long row at its (cut+1)-th token
+    out = generate_ids(bundle, [long_prompt, short], max_new_tokens=max_new, mode="greedy", tree=tree,
+                       stop_ids=(head[cut],), cache_length=slots)
+    assert out.tokens[0] == head[:cut + 1] and out.finish[0] == "stop"
+    toks = out.tokens[1]
+    assert len(toks) == max_new and out.finish[1] == "length"
+    logits = np.asarray(forward_logits(bundle, [short + toks]))[0]  # [T, V]
+    assert np.argmax(logits[len(short) - 1:-1], axis=-1).tolist() == toks
 
 
 def test_attention_window_equals_full_attention():

@@ -64,7 +64,8 @@ def plain(perturbed, mt_bench_ids):
     return generate_ids(perturbed, mt_bench_ids, max_new_tokens=64, mode="ar", stop_ids=())
 
 
-@pytest.mark.parametrize("tree", ["chain:4", [1, 3, 2], "mc_sim_7b_63"], ids=str)
+# The 64-node mc_sim_7b_63 on this model runs in test_shipped_heads.py (10 prompts x 128 tokens, trained heads).
+@pytest.mark.parametrize("tree", ["chain:4", [1, 3, 2]], ids=str)
 def test_greedy_medusa_matches_plain_greedy(perturbed, mt_bench_ids, plain, tree):
     out = generate_ids(perturbed, mt_bench_ids, max_new_tokens=64, mode="greedy", tree=tree, stop_ids=())
     assert out.tokens == plain.tokens
