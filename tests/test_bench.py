@@ -217,6 +217,8 @@ def test_gpu_script_smoke_on_cpu(tmp_path, capsys):
     assert tree["nodes"] == 6 == len(tree["paths"]) + 1 and tree["vs_ar"] == pytest.approx(
         tree["step_ms"] / dec["ar"]["step_ms"])
     assert hf["device"] == "cpu" and hf["tokens_per_s"] > 0
+    # step time from per-token timestamps inside one generate: prefill + the later steps fit in the whole call
+    assert 0 < hf["prefill_s"] and hf["prefill_s"] + 1e-3 * hf["step_ms"] * (hf["tokens"] - 1) <= hf["generate_s"]
     (row,) = tr["batches"]
     assert row["batch"] == 1 and row["tokens_per_s"] > 0 and np.isfinite(row["loss"])
     assert json.loads((tmp_path / "gpu_7b.json").read_text())["config"] == "tiny"
@@ -297,3 +299,11 @@ ENTRY %main (p: f32[4]) -> f32[4] {
     assert containers == {"cond.13.clone", "while.3", "call"}
     assert [step_profile.op_kind(n) for n in ("dot.3.clone.1", "cond.13.clone", "fusion.12", "dot")] == \
         ["dot", "cond", "fusion", "dot"]
+
+
+def test_gpu_script_needs_two_hf_tokens(capsys):
+    from bench import gpu_7b
+
+    with pytest.raises(SystemExit) as e:
+        gpu_7b.main(["--config", "tiny", "--sections", "hf", "--hf-cpu", "--hf-tokens", "1"])
+    assert "--hf-tokens must be at least 2" in str(e.value)
