@@ -89,6 +89,16 @@ class Generation:
                 "wall_s": self.wall_s, "compile_s": self.compile_s}
 
 
+PREFILL_CHUNKS = (0, 16, 32, 64, 128, 256, 512)  # each divides every prompt bucket larger than itself
+
+
+def default_prefill_chunk() -> int:
+    """Tokens per prefill forward on the default JAX backend: 128 on a CPU, where a prefill is compute-bound
+    from about 64 tokens on and padding to the power-of-two bucket cost up to 2x (BENCHMARKS.md, "Chunked
+    prefill"); 512 on accelerators, where each chunk streams every weight again."""
+    return 128 if jax.default_backend() == "cpu" else 512
+
+
 def _bucket(n: int) -> int:
     if n <= 1024:
         return max(16, 1 << (n - 1).bit_length())
@@ -187,7 +197,8 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
                  top_p: float = 1.0, mode: str | None = None, tree: Any = None, seed: int = 0,
                  stream: Callable[[list[list[int]]], None] | None = None,
                  stop_ids: Sequence[int] | None = None, cache_length: int | None = None,
-                 typical_epsilon: float = 0.09, typical_delta: float = 0.3) -> Generation:
+                 typical_epsilon: float = 0.09, typical_delta: float = 0.3,
+                 prefill_chunk: int | None = None) -> Generation:
     """Generates from token ids: one sequence (list of ints) or a batch (list of lists, any lengths).
 
     Args:
@@ -203,6 +214,9 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
       cache_length: KV cache slots (default: enough for prompt + max_new_tokens + one tree); generation stops
         when the next tree would not fit.
       typical_epsilon, typical_delta: typical acceptance thresholds.
+      prefill_chunk: tokens per prefill forward, a power of two from 16 to 512, or 0 for one forward over the
+        whole prompt bucket; None for `default_prefill_chunk()`. Chunks make the prefill cost follow the real
+        prompt length instead of its power-of-two bucket.
     """
     if not isinstance(params, Bundle):
         raise MedusaError(f"params must be a medusa_jax Bundle (from medusa_jax.load), got {type(params).__name__}")
@@ -213,6 +227,11 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
         raise MedusaError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise MedusaError(f"top_p must be in (0, 1], got {top_p}")
+    if prefill_chunk is None:
+        prefill_chunk = default_prefill_chunk()
+    if prefill_chunk not in PREFILL_CHUNKS:
+        raise MedusaError(f"prefill_chunk must be 0 (one forward over the whole prompt) or one of "
+                          f"{', '.join(map(str, PREFILL_CHUNKS[1:]))}, got {prefill_chunk!r}")
     mode = _resolve_mode(params, mode, temperature)
     if params.heads is not None and mode != "ar":
         _check_heads(params)
@@ -241,7 +260,8 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
         config=cfg, heads_config=params.heads_config if tree_buf.max_depth else None, tree=tree_buf, rule=rule,
         use_top_p=top_p < 1, capacity=capacity, cache_len=int(cache_length),
         stop_ids=tuple(int(i) for i in (default_stop_ids(params) if stop_ids is None else stop_ids)),
-        stream=stream is not None, epsilon=float(typical_epsilon), delta=float(typical_delta))
+        stream=stream is not None, epsilon=float(typical_epsilon), delta=float(typical_delta),
+        prefill_chunk=int(prefill_chunk))
 
     b = len(prompts)
     padded = np.zeros((b, tb), np.int32)

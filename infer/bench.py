@@ -163,6 +163,10 @@ def summarise(method: Method, records: list[list[dict]], questions: list[Questio
         c[0] += sum(len(r["tokens"]) for r in recs)
         c[1] += sum(r["wall_s"] for r in recs)
     row["category_tokens_per_s"] = {c: n / max(w, 1e-9) for c, (n, w) in cats.items()}
+    # By turn: a second turn's prompt carries the first turn and its answer, so its prefill is several times longer.
+    turns = [[r for q in records for r in q[t:t + 1]] for t in range(max(len(q) for q in records))]
+    row["turn_tokens_per_s"] = [sum(len(r["tokens"]) for r in rs) / max(sum(r["wall_s"] for r in rs), 1e-9)
+                                for rs in turns]
     return row
 
 

@@ -106,6 +106,14 @@ def markdown(record: dict) -> str:
         lines.append(f"- transformers answers token-identical to ours (float rounding may split ties): "
                      f"{100 * hf[0]['identical_to_ar']:.0f}%")
     lines += _targets(rows, record["trees"])
+    n_turns = max(len(r.get("turn_tokens_per_s", ())) for r in rows)
+    if n_turns > 1:
+        ar = next(r for r in rows if r["mode"] == "ar")["turn_tokens_per_s"]
+        lines += ["", "### Tokens/s by turn (a second turn's prompt holds the first turn and its answer)", "",
+                  "| method | " + " | ".join(f"turn {t + 1}" for t in range(n_turns)) + " |",
+                  "|---|" + "---|" * n_turns]
+        lines += [f"| {r['method']} | " + " | ".join(f"{v:.1f} ({v / a:.2f}x ar)" for v, a in
+                                                     zip(r["turn_tokens_per_s"], ar)) + " |" for r in rows]
     cat = record["category_speedup"]
     if cat["method"]:
         lines += ["", f"### Speedup per category ({cat['method']} vs ar)", "", "| category | speedup |", "|---|---|"]

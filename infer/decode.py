@@ -136,17 +136,55 @@ def _root(spec: DecodeSpec, key: Array, logits: Array, temperature: Array, top_p
     return sampling.sample_from(key, sampling.target_probs(logits, temperature, top_p, spec.use_top_p))
 
 
+def _prefill_forward(spec: DecodeSpec, base, prompt: Array, prompt_len: Array, cache: model.KVCache
+                     ) -> tuple[Array, model.KVCache]:
+    """Runs the right-padded prompt [B, Tb] through the model, writing its keys and values from slot 0.
+
+    Returns (hidden [B, H] at each sequence's last real position, cache). With `spec.prefill_chunk` = c < Tb
+    (Tb a multiple of c), a `fori_loop` runs only the ceil(max(prompt_len) / c) chunks that hold real tokens,
+    so the matmuls' cost follows the real prompt length rather than its bucket; slots of chunks not run keep
+    stale values, which nothing reads (every later mask stops at the sequence's length). Each chunk attends over
+    the live window (`spec.live_window`; else the bucket's Tb slots). Otherwise one forward over the bucket.
+    """
+    b, tb = prompt.shape
+    s, c = spec.cache_len, spec.prefill_chunk
+    rows = jnp.arange(b)
+    if not c or tb <= c or tb % c:
+        positions = jnp.broadcast_to(jnp.arange(tb, dtype=jnp.int32), (b, tb))
+        mask = jnp.broadcast_to(jnp.arange(s)[None, None, :] <= jnp.arange(tb)[None, :, None], (b, tb, s))
+        hidden, cache = model.forward(spec.config, base, prompt, positions, mask, cache, jnp.int32(0), window=tb)
+        return hidden[rows, prompt_len - 1], cache
+
+    def forward_chunk(begin: Array, cache: model.KVCache) -> tuple[Array, model.KVCache]:
+        tokens = jax.lax.dynamic_slice_in_dim(prompt, begin, c, axis=1)  # [B, c]
+        positions = jnp.broadcast_to(begin + jnp.arange(c, dtype=jnp.int32), (b, c))
+        mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, c, S]: causal over the prefix
+        # The live window: chunk i reads slots [0, (i + 1) c) (rounded up to a `model.window_sizes` entry), not
+        # the whole bucket, whose attention would dominate the early chunks of a long prompt.
+        window = begin + c if spec.live_window else tb
+        return model.forward(spec.config, base, tokens, positions, mask, cache, begin, window=window)
+
+    def chunk(i: Array, carry: tuple[Array, model.KVCache]) -> tuple[Array, model.KVCache]:
+        last, cache = carry
+        hidden, cache = forward_chunk(i * c, cache)  # [B, c, H]
+        at = prompt_len - 1 - i * c  # [B]: each sequence's last real token, if it falls in this chunk
+        here = (at >= 0) & (at < c)
+        return jnp.where(here[:, None], hidden[rows, jnp.clip(at, 0, c - 1)], last), cache
+
+    hidden = jax.eval_shape(forward_chunk, jnp.int32(0), cache)[0]
+    last = jnp.zeros((b, hidden.shape[-1]), hidden.dtype)
+    count = (jnp.max(prompt_len) + c - 1) // c  # chunks holding real tokens (prompt_len >= 1)
+    return jax.lax.fori_loop(0, count, chunk, (last, cache))
+
+
 def prefill(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cache: model.KVCache,
             max_new: Array, temperature: Array, top_p: Array, rng: Array) -> DecodeState:
-    """Runs the right-padded prompt [B, Tb] (real lengths prompt_len [B]) through the model, writing slots
-    [0, Tb); emits the first token. Logits only at each sequence's last real position."""
-    b, tb = prompt.shape
-    s, n, d = spec.cache_len, spec.tree.num_nodes, spec.tree.max_depth
-    rows = jnp.arange(b)
-    positions = jnp.broadcast_to(jnp.arange(tb, dtype=jnp.int32), (b, tb))
-    mask = jnp.broadcast_to(jnp.arange(s)[None, None, :] <= jnp.arange(tb)[None, :, None], (b, tb, s))
-    hidden, cache = model.forward(spec.config, base, prompt, positions, mask, cache, jnp.int32(0), window=tb)
-    last = hidden[rows, prompt_len - 1]  # [B, H]
+    """Runs the right-padded prompt [B, Tb] (real lengths prompt_len [B]) through the model (`_prefill_forward`);
+    emits the first token. Logits only at each sequence's last real position."""
+    b = prompt.shape[0]
+    n, d = spec.tree.num_nodes, spec.tree.max_depth
+    s = spec.cache_len
+    last, cache = _prefill_forward(spec, base, prompt, prompt_len, cache)  # [B, H]
     rng, key = jax.random.split(rng)
     root = _root(spec, key, model.logits(spec.config, base, last), temperature, top_p)
     st = DecodeState(

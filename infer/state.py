@@ -36,9 +36,12 @@ class DecodeSpec:
       stop_ids: token ids that end a sequence (emitted, then the sequence stops).
       stream: push each step's tokens to the host (`decode.stream_to`).
       epsilon, delta: typical acceptance parameters.
-      live_window: decoding steps attend over the live window of the cache only (`model.window_sizes`, one
-        `lax.switch` per layer); False makes them read every slot (a measurement baseline:
-        `bench/gpu_7b.py --full-window`). The prefill always reads exactly its own T slots.
+      live_window: decoding steps and prefill chunks attend over the live window of the cache only
+        (`model.window_sizes`, one `lax.switch` per layer); False makes steps read every slot and chunks the
+        prompt bucket's slots (a measurement baseline: `bench/gpu_7b.py --full-window`).
+      prefill_chunk: c, tokens per prefill forward: the prompt bucket Tb (a multiple of c when larger) runs as
+        ceil(longest prompt / c) forwards of c tokens in a loop, so the prefill costs what the real prompt needs
+        rather than its power-of-two bucket; 0 (or c >= Tb) runs one forward over the whole bucket.
     """
 
     config: LlamaConfig
@@ -53,6 +56,7 @@ class DecodeSpec:
     epsilon: float = 0.09
     delta: float = 0.3
     live_window: bool = True
+    prefill_chunk: int = 0
 
     @property
     def num_heads_used(self) -> int:

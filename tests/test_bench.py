@@ -74,6 +74,18 @@ def test_every_requested_method_has_a_consistent_row(run):
     assert json.loads((out / "bench.json").read_text())["rows"] == record["rows"]
 
 
+def test_tokens_per_second_by_turn_add_up_to_the_row(run):
+    """Each row's per-turn tokens/s is its turn's tokens over its turn's time; together they make the row's."""
+    record, printed, _, _ = run
+    for r in record["rows"]:
+        turns = [[q[t] for q in record["outputs"][r["method"]]] for t in (0, 1)]
+        tokens = [sum(len(x["tokens"]) for x in ts) for ts in turns]
+        walls = [sum(x["wall_s"] for x in ts) for ts in turns]
+        assert r["turn_tokens_per_s"] == pytest.approx([n / w for n, w in zip(tokens, walls)])
+        assert sum(tokens) / sum(walls) == pytest.approx(r["tokens_per_s"])
+    assert "### Tokens/s by turn" in printed and "| ar | " in printed.split("### Tokens/s by turn")[1]
+
+
 def test_greedy_medusa_answers_equal_autoregressive_token_for_token(run):
     record, _, _, _ = run
     ar = record["outputs"]["ar"]
@@ -307,3 +319,27 @@ def test_gpu_script_needs_two_hf_tokens(capsys):
     with pytest.raises(SystemExit) as e:
         gpu_7b.main(["--config", "tiny", "--sections", "hf", "--hf-cpu", "--hf-tokens", "1"])
     assert "--hf-tokens must be at least 2" in str(e.value)
+
+
+def test_prefill_script_compares_chunk_sizes_and_transformers(capsys):
+    """bench/prefill.py on the tiny model: a time and a compile time per chunk size, the same first token whatever
+    the chunking, the transformers column, a markdown table."""
+    from bench import prefill
+
+    res = prefill.main(["--model", "tiny", "--lengths", "20,40", "--chunks", "0,16", "--repeats", "1"])
+    assert [(r["tokens"], r["bucket"]) for r in res] == [(20, 32), (40, 64)]
+    for r in res:
+        assert set(r["ms"]) == {0, 16} and min(r["ms"].values()) > 0 and r["torch_ms"] > 0
+        assert r["first_token"][0] == r["first_token"][16]
+    out = capsys.readouterr().out
+    assert "| 40 | 64 | " in out and "first generated token equal across chunk sizes: yes" in out
+
+
+@pytest.mark.parametrize("argv,flag", [(["--lengths", "0"], "--lengths"), (["--chunks", "a"], "--chunks")])
+def test_prefill_script_bad_input_is_one_error_line(argv, flag, capsys):
+    from bench import prefill
+
+    with pytest.raises(SystemExit) as e:
+        prefill.main(["--model", "tiny", "--no-torch"] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and flag in err

@@ -16,6 +16,7 @@ import pytest
 from infer import generate_ids
 from medusa_jax import model
 from medusa_jax.bundle import forward_logits
+from medusa_jax.errors import MedusaError
 from infer.testing import oracle_bundle, random_bundle
 
 TREES = ["chain:3", [1, 3, 2], "mc_sim_7b_63", "ar"]
@@ -173,6 +174,25 @@ def test_long_generation_through_the_attention_windows(tree):
     assert len(toks) == max_new and out.finish[1] == "length"
     logits = np.asarray(forward_logits(bundle, [short + toks]))[0]  # [T, V]
     assert np.argmax(logits[len(short) - 1:-1], axis=-1).tolist() == toks
+
+
+@pytest.mark.parametrize("tree,chunk", [("ar", 16), ("mc_sim_7b_63", 32)], ids=str)
+def test_chunked_prefill_equals_one_forward(tree, chunk):
+    """A prefill in chunks (only those holding real tokens run) decodes exactly as one forward over the bucket,
+    for a batch whose prompts end inside the first chunk, at a chunk's last token, at the next chunk's first
+    token and further on (bucket 128: up to 8 chunks of 16)."""
+    prompts = [[(11 * i + 5) % 200 + 1 for i in range(n)] for n in (5, 32, 33, 70)]
+    kw = dict(max_new_tokens=MAX_NEW, mode="greedy", tree=tree, stop_ids=())
+    whole = generate_ids(rand(), prompts, prefill_chunk=0, **kw)
+    chunked = generate_ids(rand(), prompts, prefill_chunk=chunk, **kw)
+    assert chunked.tokens == whole.tokens
+    for row, prompt in enumerate(prompts):
+        assert chunked.tokens[row] == reference("rand", tuple(prompt)), f"row {row}"
+
+
+def test_prefill_chunk_must_divide_the_buckets():
+    with pytest.raises(MedusaError, match="prefill_chunk must be 0"):
+        generate_ids(rand(), [[1, 2, 3]], max_new_tokens=4, prefill_chunk=100)
 
 
 def test_attention_window_equals_full_attention():
