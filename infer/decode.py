@@ -149,20 +149,23 @@ def _prefill_forward(spec: DecodeSpec, base, prompt: Array, prompt_len: Array, c
     b, tb = prompt.shape
     s, c = spec.cache_len, spec.prefill_chunk
     rows = jnp.arange(b)
+
+    def forward_span(begin: Array, size: int, window: int | Array, cache: model.KVCache
+                     ) -> tuple[Array, model.KVCache]:
+        """Tokens [begin, begin + size) of every prompt -> (hidden [B, size, H], cache)."""
+        tokens = jax.lax.dynamic_slice_in_dim(prompt, begin, size, axis=1)  # [B, size]
+        positions = jnp.broadcast_to(begin + jnp.arange(size, dtype=jnp.int32), (b, size))
+        mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, size, S]: causal over the prefix
+        return model.forward(spec.config, base, tokens, positions, mask, cache, begin, window=window)
+
     if not c or tb <= c or tb % c:
-        positions = jnp.broadcast_to(jnp.arange(tb, dtype=jnp.int32), (b, tb))
-        mask = jnp.broadcast_to(jnp.arange(s)[None, None, :] <= jnp.arange(tb)[None, :, None], (b, tb, s))
-        hidden, cache = model.forward(spec.config, base, prompt, positions, mask, cache, jnp.int32(0), window=tb)
+        hidden, cache = forward_span(jnp.int32(0), tb, tb, cache)
         return hidden[rows, prompt_len - 1], cache
 
     def forward_chunk(begin: Array, cache: model.KVCache) -> tuple[Array, model.KVCache]:
-        tokens = jax.lax.dynamic_slice_in_dim(prompt, begin, c, axis=1)  # [B, c]
-        positions = jnp.broadcast_to(begin + jnp.arange(c, dtype=jnp.int32), (b, c))
-        mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, c, S]: causal over the prefix
         # The live window: chunk i reads slots [0, (i + 1) c) (rounded up to a `model.window_sizes` entry), not
         # the whole bucket, whose attention would dominate the early chunks of a long prompt.
-        window = begin + c if spec.live_window else tb
-        return model.forward(spec.config, base, tokens, positions, mask, cache, begin, window=window)
+        return forward_span(begin, c, begin + c if spec.live_window else tb, cache)
 
     def chunk(i: Array, carry: tuple[Array, model.KVCache]) -> tuple[Array, model.KVCache]:
         last, cache = carry
