@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 def _run(args, lengths: list[int], chunks: list[int]) -> list[dict]:
     import jax
 
-    from infer.api import _bucket, generate_ids
+    from infer.api import generate_ids
+    from infer.plan import bucket
     from infer.bench_setup import load_model
 
     bundle = load_model(args.model, None)
@@ -87,11 +88,12 @@ def _run(args, lengths: list[int], chunks: list[int]) -> list[dict]:
     results = []
     for n in lengths:
         ids = rng.integers(100, bundle.config.vocab_size, n).tolist()
-        row = {"tokens": n, "bucket": _bucket(n), "ms": {}, "compile_s": {}, "first_token": {}}
+        row = {"tokens": n, "bucket": bucket(n), "ms": {}, "compile_s": {}, "first_token": {}}
         for c in chunks:
-            first = generate_ids(bundle, ids, max_new_tokens=1, mode="ar", stop_ids=(), prefill_chunk=c)
-            walls = [generate_ids(bundle, ids, max_new_tokens=1, mode="ar", stop_ids=(), prefill_chunk=c).wall_s
-                     for _ in range(args.repeats)]
+            first = generate_ids(bundle, ids, max_new_tokens=1, mode="ar", stop_ids=(), prefill_chunk=c,
+                                 prefix_cache=False)
+            walls = [generate_ids(bundle, ids, max_new_tokens=1, mode="ar", stop_ids=(), prefill_chunk=c,
+                                  prefix_cache=False).wall_s for _ in range(args.repeats)]  # whole prompt each time
             row["ms"][c], row["compile_s"][c] = 1e3 * min(walls), first.compile_s
             row["first_token"][c] = first.tokens[0][0]
         cells = [f"{row['ms'][c]:.0f} ms (compile {row['compile_s'][c]:.1f} s)" for c in chunks]

@@ -7,7 +7,8 @@
 `generate_ids` is the token-level entry point (batches, benchmarks, distillation).
 """
 
-from infer.api import DEFAULT_TREE, Generation, compile_count, generate, generate_ids
+from infer.api import Generation, compile_count, generate, generate_ids, warm_up
+from infer.plan import DEFAULT_TREE
 from medusa_jax import load
 
-__all__ = ["DEFAULT_TREE", "Generation", "compile_count", "generate", "generate_ids", "load"]
+__all__ = ["DEFAULT_TREE", "Generation", "compile_count", "generate", "generate_ids", "load", "warm_up"]

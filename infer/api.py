@@ -3,10 +3,9 @@
 `generate` renders chat prompts, `generate_ids` takes token ids (benchmarks, distillation, tests). Both pick the
 mode and tree, bucket the shapes so similar calls reuse one compiled executable, and run `decode.generate` once.
 
-Buckets: prompt length -> max(16, next power of two) up to 1024, then multiples of 512; max_new_tokens -> the same
-power-of-two rule (the real limit is a runtime argument); cache slots S = bucketed prompt + bucketed max_new +
-N (tree nodes) rounded up to a multiple of 128. The KV cache of each shape is kept after a call and donated to the
-next one of the same shape, so repeated calls allocate nothing.
+Arguments are checked and bucketed by `infer.plan`. The KV cache of each shape is kept after a call and donated
+to the next one of the same shape, so repeated calls allocate nothing. A batch-1 call also reuses the keys and values
+of the previous batch-1 call's prompt and answer where its prompt starts with them (`infer.prefix_cache`).
 """
 
 from __future__ import annotations
@@ -16,21 +15,14 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from infer import decode
+from infer import decode, prefix_cache as prefixes
+from infer.plan import default_stop_ids, make_plan
 from infer.state import DecodeSpec
 from medusa_jax import chat, model
 from medusa_jax.bundle import Bundle
 from medusa_jax.errors import MedusaError
-from medusa_jax.tree import TreeBuffers, build_tree, resolve_tree
-
-# A small tree (9 nodes) for CPU, where a forward of 8 tokens costs about twice one token: the top-3 of head 0;
-# under its rank 0 the top-2 of head 1, under rank 1 the top-1; then a chain on the best path to depth 4. Cut to
-# the heads available. Bundles may ship a tuned tree (`Bundle.tree`), which takes precedence.
-DEFAULT_TREE = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0))
-MEDUSA_MODES = ("greedy", "typical", "sample")
 
 _executables: dict[tuple, Any] = {}  # compiled generations by (spec, argument shapes)
 _cache_pool: dict[tuple, Any] = {}  # a spare KV cache per (config, batch, slots, dtype), donated to the next call
@@ -46,6 +38,7 @@ def clear_caches() -> None:
     """Drops compiled executables and the kept KV caches (frees their memory)."""
     _executables.clear()
     _cache_pool.clear()
+    prefixes.clear()
 
 
 @dataclasses.dataclass
@@ -61,6 +54,7 @@ class Generation:
       finish: per sequence "stop" (stop token), "length" (max_new_tokens) or "capacity" (context full).
       wall_s: seconds of the generation itself (prefill + decoding + transfer; excludes compilation).
       compile_s: seconds spent compiling for this call (0 when reused).
+      reused: prompt tokens whose keys and values came from the prefix cache instead of a forward (batch 1).
     """
 
     tokens: list[list[int]]
@@ -71,6 +65,7 @@ class Generation:
     finish: list[str]
     wall_s: float
     compile_s: float
+    reused: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -79,95 +74,14 @@ class Generation:
     def stats(self) -> dict:
         """tokens_per_s, steps, mean_accepted (tokens emitted per decoding step, accepted drafts + 1),
         acceptance_rate (accepted draft tokens / draft tokens proposed on the chosen paths; 0 without drafts),
-        new_tokens, wall_s, compile_s."""
+        new_tokens, wall_s, compile_s, reused_tokens."""
         ran = self.accepted >= 0
         per_step = float((self.accepted[ran] + 1).mean()) if ran.any() else 1.0
         proposed = int(self.proposed[ran].sum()) if ran.any() else 0
         rate = float(self.accepted[ran].sum()) / proposed if proposed else 0.0
         return {"tokens_per_s": self.new_tokens / max(self.wall_s, 1e-9), "steps": self.steps,
                 "mean_accepted": per_step, "acceptance_rate": rate, "new_tokens": self.new_tokens,
-                "wall_s": self.wall_s, "compile_s": self.compile_s}
-
-
-PREFILL_CHUNKS = (0, 16, 32, 64, 128, 256, 512)  # each divides every prompt bucket larger than itself
-
-
-def default_prefill_chunk() -> int:
-    """Tokens per prefill forward on the default JAX backend: 128 on a CPU, where a prefill is compute-bound
-    from about 64 tokens on and padding to the power-of-two bucket cost up to 2x (BENCHMARKS.md, "Chunked
-    prefill"); 512 on accelerators, where each chunk streams every weight again."""
-    return 128 if jax.default_backend() == "cpu" else 512
-
-
-def _bucket(n: int) -> int:
-    if n <= 1024:
-        return max(16, 1 << (n - 1).bit_length())
-    return -(-n // 512) * 512
-
-
-def _check_heads(params: Bundle) -> None:
-    """Heads must match the base: hidden size, vocabulary (own projection), head count."""
-    hc, cfg = params.heads_config, params.config
-    if hc is None:
-        raise MedusaError("the bundle has heads but no heads_config; load heads with medusa_jax.load(heads=...)")
-    kernel = np.shape(params.heads.get("res_0_kernel")) if isinstance(params.heads, dict) else None
-    want = (hc.num_heads, cfg.hidden_size, cfg.hidden_size)
-    if kernel != want:
-        raise MedusaError(f"the Medusa heads do not match the base model: head kernel shape {kernel}, expected "
-                          f"{want} (hidden size {cfg.hidden_size}); load heads trained for this base")
-    if hc.projection == "own" and np.shape(params.heads.get("proj")) != (hc.num_heads, cfg.hidden_size,
-                                                                           cfg.vocab_size):
-        raise MedusaError(f"the Medusa heads' vocabulary projection {np.shape(params.heads.get('proj'))} does not "
-                          f"match the base vocabulary of {cfg.vocab_size}; load heads trained for this base")
-
-
-def _resolve_mode(params: Bundle, mode: str | None, temperature: float) -> str:
-    if mode is None:
-        return ("greedy" if temperature == 0 else "sample") if params.heads is not None else "ar"
-    if mode not in MEDUSA_MODES + ("ar",):
-        raise MedusaError(f"unknown mode {mode!r}; use one of greedy, typical, sample, ar")
-    if mode in MEDUSA_MODES and params.heads is None:
-        raise MedusaError(f"mode {mode!r} needs Medusa heads but the bundle has none; load heads "
-                          f"(medusa_jax.load(..., heads=PATH)) or use mode 'ar'")
-    if mode == "greedy" and temperature != 0:
-        raise MedusaError(f"mode 'greedy' is for temperature 0, got {temperature}; use mode 'sample' or 'typical'")
-    return mode
-
-
-def resolve_tree_buffers(params: Bundle, mode: str, tree: Any = None) -> TreeBuffers:
-    """The tree a call runs: root-only for `ar`; else `tree`, the bundle's tree, or `DEFAULT_TREE` cut to the
-    heads. Top-k is the largest rank used + 1 (each head offers no more tokens than the tree reads)."""
-    if mode == "ar":
-        if tree is not None and resolve_tree(tree.choices if isinstance(tree, TreeBuffers) else tree):
-            raise MedusaError("mode 'ar' decodes without a tree; drop the tree argument or pick a Medusa mode")
-        return build_tree([], num_heads=0, topk=1)
-    num_heads = params.heads_config.num_heads
-    if tree is None:
-        paths = list(params.tree) if params.tree is not None else [p for p in DEFAULT_TREE if len(p) <= num_heads]
-    else:
-        paths = list(tree.choices) if isinstance(tree, TreeBuffers) else resolve_tree(tree)
-    if not paths:  # the root-only tree: identical to plain decoding's, so it shares its executable
-        return build_tree([], num_heads=0, topk=1)
-    topk = max(max(p) + 1 for p in paths)
-    return build_tree(paths, num_heads=num_heads, topk=topk)  # TreeError (a MedusaError) if too deep
-
-
-def _as_batch(prompt_ids) -> list[list[int]]:
-    arr = prompt_ids.tolist() if isinstance(prompt_ids, (np.ndarray, jax.Array)) else prompt_ids
-    if isinstance(arr, (list, tuple)) and arr and all(isinstance(t, (int, np.integer)) for t in arr):
-        arr = [arr]
-    if isinstance(arr, str):
-        raise MedusaError("generate_ids takes token ids, got a string; use generate for text prompts")
-    if not isinstance(arr, (list, tuple)) or not arr:
-        raise MedusaError("empty prompt: pass token ids as a list of lists of ints (one list per sequence)")
-    out = []
-    for i, seq in enumerate(arr):
-        if not isinstance(seq, (list, tuple)) or not all(isinstance(t, (int, np.integer)) for t in seq):
-            raise MedusaError(f"prompt {i} is not a list of token ids")
-        if not seq:
-            raise MedusaError(f"prompt {i} is empty; give at least one token")
-        out.append([int(t) for t in seq])
-    return out
+                "wall_s": self.wall_s, "compile_s": self.compile_s, "reused_tokens": self.reused}
 
 
 def _executable(spec: DecodeSpec, args: tuple) -> tuple[Any, float]:
@@ -182,23 +96,12 @@ def _executable(spec: DecodeSpec, args: tuple) -> tuple[Any, float]:
     return exe, time.perf_counter() - t0
 
 
-def default_stop_ids(params: Bundle) -> tuple[int, ...]:
-    """The config's EOS ids plus, with a tokenizer, its chat template's end-of-turn ids."""
-    ids = list(params.config.eos_token_ids)
-    if params.tokenizer is not None:
-        try:
-            ids += [i for i in chat.stop_token_ids(params.tokenizer) if i not in ids]
-        except chat.ChatError:
-            pass
-    return tuple(ids)
-
-
 def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, mode: str | None = None, tree: Any = None, seed: int = 0,
                  stream: Callable[[list[list[int]]], None] | None = None,
                  stop_ids: Sequence[int] | None = None, cache_length: int | None = None,
                  typical_epsilon: float = 0.09, typical_delta: float = 0.3,
-                 prefill_chunk: int | None = None) -> Generation:
+                 prefill_chunk: int | None = None, prefix_cache: bool = True) -> Generation:
     """Generates from token ids: one sequence (list of ints) or a batch (list of lists, any lengths).
 
     Args:
@@ -215,65 +118,27 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
         when the next tree would not fit.
       typical_epsilon, typical_delta: typical acceptance thresholds.
       prefill_chunk: tokens per prefill forward, a power of two from 16 to 512, or 0 for one forward over the
-        whole prompt bucket; None for `default_prefill_chunk()`. Chunks make the prefill cost follow the real
+        whole prompt bucket; None for `infer.plan.default_prefill_chunk()`. Chunks make the prefill cost follow the real
         prompt length instead of its power-of-two bucket.
+      prefix_cache: batch 1 only: take the keys and values of the longest common prefix of this prompt and the
+        previous batch-1 call's prompt + answer (same weights) from that call's kept cache instead of running
+        them through the model (a chat's next turn then runs only its new tokens), and keep this call's for the
+        next one (`infer.prefix_cache`). False neither reads nor records the kept prefix.
     """
-    if not isinstance(params, Bundle):
-        raise MedusaError(f"params must be a medusa_jax Bundle (from medusa_jax.load), got {type(params).__name__}")
-    cfg = params.config
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-        raise MedusaError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise MedusaError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise MedusaError(f"top_p must be in (0, 1], got {top_p}")
-    if prefill_chunk is None:
-        prefill_chunk = default_prefill_chunk()
-    if prefill_chunk not in PREFILL_CHUNKS:
-        raise MedusaError(f"prefill_chunk must be 0 (one forward over the whole prompt) or one of "
-                          f"{', '.join(map(str, PREFILL_CHUNKS[1:]))}, got {prefill_chunk!r}")
-    mode = _resolve_mode(params, mode, temperature)
-    if params.heads is not None and mode != "ar":
-        _check_heads(params)
-    tree_buf = resolve_tree_buffers(params, mode, tree)
-    prompts = _as_batch(prompt_ids)
-    lengths = [len(p) for p in prompts]
-    context = cfg.max_position_embeddings
-    if max(lengths) >= context:
-        raise MedusaError(f"prompt of {max(lengths)} tokens does not fit the model's context of {context} tokens "
-                          f"(it needs room for at least one new token); shorten the prompt")
-    bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise MedusaError(f"token id {bad[0]} is outside the vocabulary of {cfg.vocab_size}")
-    bad = [t for t in (stop_ids or ()) if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise MedusaError(f"stop id {bad[0]} is outside the vocabulary of {cfg.vocab_size}; pass ids of real tokens")
-    max_new = int(min(max_new_tokens, context - max(lengths)))
-
-    rule = "greedy" if temperature == 0 else ("typical" if mode == "typical" else "sample")
-    tb, capacity, n = _bucket(max(lengths)), _bucket(max_new), tree_buf.num_nodes
-    if cache_length is None:
-        cache_length = -(-(tb + capacity + n) // 128) * 128
-    elif cache_length < tb:
-        raise MedusaError(f"cache_length {cache_length} is shorter than the padded prompt ({tb} tokens)")
-    spec = DecodeSpec(
-        config=cfg, heads_config=params.heads_config if tree_buf.max_depth else None, tree=tree_buf, rule=rule,
-        use_top_p=top_p < 1, capacity=capacity, cache_len=int(cache_length),
-        stop_ids=tuple(int(i) for i in (default_stop_ids(params) if stop_ids is None else stop_ids)),
-        stream=stream is not None, epsilon=float(typical_epsilon), delta=float(typical_delta),
-        prefill_chunk=int(prefill_chunk))
-
+    plan = make_plan(params, prompt_ids, max_new_tokens, temperature, top_p, mode, tree, stream is not None,
+                     stop_ids, cache_length, typical_epsilon, typical_delta, prefill_chunk)
+    spec, prompts, max_new = plan.spec, plan.prompts, plan.max_new
     b = len(prompts)
-    padded = np.zeros((b, tb), np.int32)
-    for i, p in enumerate(prompts):
-        padded[i, :len(p)] = p
-    pool_key = (cfg, b, spec.cache_len, str(params.dtype))
-    cache = _cache_pool.pop(pool_key, None)
+    pool_key = (spec.config, b, spec.cache_len, str(params.dtype))
+    prefix = prefix_cache and b == 1
+    reused = prefixes.reusable(params.base, prompts[0], _cache_pool, spec.prefill_chunk,
+                               plan.padded.shape[1]) if prefix else 0
+    cache = prefixes.take(_cache_pool, spec.cache_len) if reused else _cache_pool.pop(pool_key, None)
+    if not prefix and prefixes.holds(cache):  # leave the kept prefix to a later call that reuses it
+        _cache_pool[pool_key], cache = cache, None
     if cache is None:
-        cache = model.init_cache(cfg, b, spec.cache_len, params.dtype)
-    heads = params.heads if tree_buf.max_depth else None
-    args = (params.base, heads, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32), cache,
-            jnp.int32(max_new), jnp.float32(temperature), jnp.float32(top_p), jax.random.PRNGKey(seed))
+        cache = model.init_cache(spec.config, b, spec.cache_len, params.dtype)
+    args = plan.args(params, cache, max_new, seed, temperature, top_p, reused)
     exe, compile_s = _executable(spec, args)
 
     def on_chunk(chunk: np.ndarray, count: np.ndarray) -> None:
@@ -293,12 +158,35 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
     num_new = np.asarray(out.num_new)
     steps = int(out.step)
     seqs = [tokens_np[i, :num_new[i]].tolist() for i in range(b)]
+    if prefix:  # slots [0, length) hold the prompt and the answer but its last token (maybe more, unemitted)
+        prefixes.keep(params.base, prompts[0] + seqs[0][:int(out.length[0]) - len(prompts[0])], out.cache,
+                      pool_key)
     finish = ["stop" if s and s[-1] in spec.stop_ids else "length" if len(s) >= max_new else "capacity"
               for s in seqs]
     return Generation(tokens=seqs, padded=np.where(np.arange(max_new) < num_new[:, None], tokens_np, -1),
                       steps=steps, accepted=np.asarray(out.accepted)[:, :steps],
                       proposed=np.asarray(out.proposed)[:, :steps], finish=finish, wall_s=wall,
-                      compile_s=compile_s)
+                      compile_s=compile_s, reused=reused)
+
+
+def warm_up(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+            mode: str | None = None, tree: Any = None, stream: Callable | None = None,
+            stop_ids: Sequence[int] | None = None, cache_length: int | None = None, typical_epsilon: float = 0.09,
+            typical_delta: float = 0.3, prefill_chunk: int | None = None, **_unused: Any) -> float:
+    """Compiles what `generate_ids` with the same arguments would run, if not compiled yet, and then runs it once
+    for at most 2 new tokens on a scratch cache (an executable's first run carries one-off costs), leaving the
+    kept caches and the prefix cache as they were. Returns the seconds spent compiling (0: nothing was done).
+    Arguments that do not change the compiled generation (seed, prefix_cache) are accepted and ignored, so a
+    benchmark passes one set of keyword arguments to both; its timed call then neither compiles nor runs cold."""
+    plan = make_plan(params, prompt_ids, max_new_tokens, temperature, top_p, mode, tree, stream is not None,
+                     stop_ids, cache_length, typical_epsilon, typical_delta, prefill_chunk)
+    cache = model.init_cache(plan.spec.config, len(plan.prompts), plan.spec.cache_len, params.dtype)
+    args = plan.args(params, cache, min(2, plan.max_new), 0, temperature, top_p, 0)
+    exe, compile_s = _executable(plan.spec, args)
+    if compile_s:
+        with decode.stream_to(lambda chunk, count: None):
+            jax.block_until_ready(exe(*args))
+    return compile_s
 
 
 # ------------------------------------------------------------------------------------------------ text prompts

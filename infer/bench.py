@@ -13,11 +13,14 @@ Methods (`--methods`, comma-separated; `ar` always runs, it is the baseline):
   sample-t0.7   lossless speculative sampling at temperature 0.7, likewise.
 
 Each MT-Bench question is answered in both turns; the second turn is conditioned on the method's own first
-answer (greedy methods all produce the same text). Methods take turns question by question, so a machine whose
-speed drifts during the run slows every row alike. Times are `Generation.wall_s` (prefill + decoding, never
-compilation); a call that compiled a new executable is run again and the rerun is timed, so every timed call is
-a warm one. Outputs: a markdown table on the terminal and in `<out>/bench.md`, `<out>/bench.json` (rows, trees,
-per-category speeds, per-head accuracy, answers, machine), and PNG plots (see `infer.bench_report`).
+answer (greedy methods all produce the same text). A second turn reuses the keys and values of its first turn
+(prompt and answer), ours through `generate`'s prefix cache and transformers' through the cache its `generate`
+returns, so it runs only its new tokens through the model; `--no-prefix-cache` reruns every prompt whole in both.
+Methods take turns question by question, so a machine whose speed drifts during the run slows every row alike.
+Times are `Generation.wall_s` (prefill + decoding, never compilation): each executable is compiled and run once
+by `infer.api.warm_up` before its first timed call, so every timed call is a warm one. Outputs: a markdown table
+on the terminal and in `<out>/bench.md`, `<out>/bench.json` (rows, trees, per-category speeds, per-head accuracy,
+answers, machine), and PNG plots (see `infer.bench_report`).
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
 from infer import bench_report
-from infer.api import default_stop_ids, generate_ids
+from infer import prefix_cache
+from infer.api import default_stop_ids, generate_ids, warm_up
 from infer.bench_setup import (ALL_METHODS, Method, load_model, method_bundle, parse_method, parse_tree_option,
                                tuning_record)
 from infer.heads_eval import head_accuracy, topk_table
@@ -106,35 +109,37 @@ def _answer_text(tokenizer, ids: list[int], stops: tuple[int, ...]) -> str:
     return tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=False)
 
 
-def run_ours(bundle: Bundle, method: Method, paths: list, prompt: list[int], max_new: int, seed: int) -> dict:
-    """One warm, timed `generate_ids` call: a call that compiled is repeated and the repeat is timed."""
+def run_ours(bundle: Bundle, method: Method, paths: list, prompt: list[int], max_new: int, seed: int,
+             reuse: bool = True) -> dict:
+    """One warm, timed `generate_ids` call (`warm_up` compiles and runs its executable first when new)."""
     kw = dict(max_new_tokens=max_new, temperature=method.temperature, mode=method.mode, tree=paths or None,
-              seed=seed)
+              seed=seed, prefix_cache=reuse)
+    compile_s = warm_up(bundle, [prompt], **kw)
     g = generate_ids(bundle, [prompt], **kw)
-    compile_s = g.compile_s
-    if compile_s > 0:
-        g = generate_ids(bundle, [prompt], **kw)
     ran = g.accepted[0] >= 0
     return {"tokens": g.tokens[0], "wall_s": g.wall_s, "steps": int(ran.sum()),
             "accepted": int(g.accepted[0][ran].sum()), "proposed": int(g.proposed[0][ran].sum()),
-            "compile_s": compile_s}
+            "compile_s": compile_s, "reused": g.reused}
 
 
 def run_question(bundle: Bundle, method: Method, paths: list, question: Question, qi: int, max_new: int,
-                 hf_model: Any = None) -> list[dict]:
-    """Both turns of one question -> per-turn records (tokens, text, wall_s, ...); the second turn's prompt holds
-    this method's own first answer."""
+                 hf_model: Any = None, reuse: bool = True) -> list[dict]:
+    """Both turns of one question -> per-turn records (tokens, text, wall_s, reused, ...); the second turn's prompt
+    holds this method's own first answer and, with `reuse`, reuses the first turn's keys and values."""
     from infer import bench_hf
 
+    # Each question starts cold: no turn reuses another question's or another method's cache.
+    prefix_cache.clear()
+    bench_hf.reset_prefix(hf_model)
     stops = default_stop_ids(bundle)
     answers: list[str] = []
     records = []
     for turn in range(len(question.turns)):
         prompt = chat.render_prompt(bundle.tokenizer, _messages(question, answers, turn))
         if method.mode == "hf":
-            rec = bench_hf.run_hf(hf_model, prompt, max_new, stops)
+            rec = bench_hf.run_hf(hf_model, prompt, max_new, stops, prefix_cache=reuse)
         else:
-            rec = run_ours(bundle, method, paths, prompt, max_new, seed=2 * qi + turn)
+            rec = run_ours(bundle, method, paths, prompt, max_new, seed=2 * qi + turn, reuse=reuse)
         rec["text"] = _answer_text(bundle.tokenizer, rec["tokens"], stops)
         answers.append(rec["text"])
         records.append(rec)
@@ -149,7 +154,8 @@ def summarise(method: Method, records: list[list[dict]], questions: list[Questio
     tps = tokens / max(wall, 1e-9)
     row = {"method": method.name, "mode": method.mode, "temperature": method.temperature, "k": method.k,
            "tokens": tokens, "wall_s": wall, "tokens_per_s": tps, "latency_ms": 1e3 / tps,
-           "acceptance_rate": None, "tokens_per_step": None}
+           "acceptance_rate": None, "tokens_per_step": None,
+           "reused_tokens": sum(r.get("reused", 0) for r in flat)}
     if method.mode != "hf":
         steps = sum(r["steps"] for r in flat)
         proposed = sum(r["proposed"] for r in flat)
@@ -204,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
       "dense:W1,W2,..., or a JSON list of paths (e.g. '[[0],[1],[0,0]]'); rows with fewer heads than its depth "
       "are skipped; the medusa row keeps generate's default")
     a("--no-hf", action="store_true", help="skip the transformers row")
+    a("--no-prefix-cache", action="store_true", help="second turns rerun their whole prompt (ours and transformers) "
+      "instead of reusing the first turn's keys and values")
     a("--torch-threads", type=int, default=None, help="torch CPU threads for the hf row (default: torch's own; "
       "use 1 when other processes load the CPU: torch's thread barriers then slow down about 10x)")
     a("--accuracy-prompts", type=int, default=3, help="first-turn prompts for per-head accuracy (default 3)")
@@ -263,10 +271,11 @@ def bench(args: argparse.Namespace) -> dict:
         for qi, q in enumerate(questions):
             for m, mb, paths, _, hf_model in runnable:
                 bar.set_description(f"q{qi + 1} {m.name}")
-                records[m.name].append(run_question(mb, m, paths, q, qi, args.max_new_tokens, hf_model))
+                records[m.name].append(run_question(mb, m, paths, q, qi, args.max_new_tokens, hf_model,
+                                                    reuse=not args.no_prefix_cache))
                 bar.update(1)
     rows, outputs, trees = [], {}, {}
-    keep = ("tokens", "text", "wall_s", "steps", "accepted", "proposed")
+    keep = ("tokens", "text", "wall_s", "steps", "accepted", "proposed", "reused")
     for m, _, paths, where, _ in runnable:
         rows.append(summarise(m, records[m.name], questions))
         outputs[m.name] = [[{k: r[k] for k in keep if k in r} for r in q] for q in records[m.name]]
@@ -280,7 +289,8 @@ def bench(args: argparse.Namespace) -> dict:
         "model": bundle.source, "config": bundle.config.name,
         "heads": dataclasses.asdict(bundle.heads_config) if bundle.heads_config else None,
         "questions": str(args.questions or DEFAULT_QUESTIONS), "num_questions": len(questions),
-        "max_new_tokens": args.max_new_tokens, "rows": rows, "notes": notes, "trees": trees,
+        "max_new_tokens": args.max_new_tokens, "prefix_cache": not args.no_prefix_cache, "rows": rows,
+        "notes": notes, "trees": trees,
         "category_speedup": bench_report.category_speedup(rows), "head_accuracy": accuracy,
         "machine": bench_report.machine_info(), "elapsed_s": round(time.time() - t_start, 1), "outputs": outputs,
     }

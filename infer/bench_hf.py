@@ -52,25 +52,55 @@ def load_torch_model(bundle: Bundle, threads: int | None = None) -> tuple[Any, s
     return net, f"{how}; torch {torch.__version__} CPU float32, {torch.get_num_threads()} threads"
 
 
-def run_hf(net: Any, prompt: list[int], max_new: int, stops: tuple[int, ...]) -> dict:
-    """Greedy `generate` from prompt ids: {"tokens" (the stop token included when hit), "wall_s"}."""
+def run_hf(net: Any, prompt: list[int], max_new: int, stops: tuple[int, ...], prefix_cache: bool = False) -> dict:
+    """Greedy `generate` from prompt ids: {"tokens" (the stop token included when hit), "wall_s", "reused"}.
+
+    With `prefix_cache`, the key/value cache of this model's previous call (kept on `net` with the ids it holds)
+    is cropped to the longest common prefix with `prompt` and passed to `generate`, which then runs only the rest
+    of the prompt: what `infer.api`'s prefix cache does for a chat's next turn. `reset_prefix` forgets it.
+    """
     import torch
 
     ids = torch.tensor([prompt], dtype=torch.long)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
               eos_token_id=list(stops) or None, pad_token_id=stops[0] if stops else 0,
-              temperature=None, top_p=None, top_k=None)
+              temperature=None, top_p=None, top_k=None, return_dict_in_generate=True)
     if not getattr(net, "_bench_warm", False):
         with torch.inference_mode():
-            net.generate(ids, max_new_tokens=4, **kw)
+            warm = net.generate(ids, max_new_tokens=4, **kw)
+        # recent transformers name the key/value cache `cache` (`past_key_values` in earlier 5.x, now deprecated)
+        net._bench_cache_name = "cache" if "cache" in warm else "past_key_values"
         net._bench_warm = True
+    name = net._bench_cache_name
+    reused = 0
+    kept = getattr(net, "_bench_prefix", None)
+    if prefix_cache and kept is not None:
+        held, cache = kept
+        for a, b in zip(held, prompt[:-1]):  # the last prompt token always runs: its logits give the first token
+            if a != b:
+                break
+            reused += 1
+        if reused:
+            cache.crop(reused - cache.get_seq_length())  # a negative count drops that many trailing entries
+            kw[name] = cache
+    net._bench_prefix = None
     with torch.inference_mode():
         t0 = time.perf_counter()
         out = net.generate(ids, max_new_tokens=max_new, **kw)
         wall = time.perf_counter() - t0
-    new = out[0, len(prompt):].tolist()
+    seq = out.sequences[0].tolist()
+    if prefix_cache:
+        cache = out[name]
+        net._bench_prefix = (seq[:cache.get_seq_length()], cache)
+    new = seq[len(prompt):]
     for i, t in enumerate(new):  # generate stops at the first stop id; cut any padding after it
         if t in stops:
             new = new[:i + 1]
             break
-    return {"tokens": new, "wall_s": wall}
+    return {"tokens": new, "wall_s": wall, "reused": reused}
+
+
+def reset_prefix(net: Any) -> None:
+    """Forgets the cache `run_hf(..., prefix_cache=True)` kept."""
+    if net is not None:
+        net._bench_prefix = None

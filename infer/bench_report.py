@@ -91,6 +91,9 @@ def markdown(record: dict) -> str:
         lines.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['latency_ms']:.1f} | {r['speedup']:.2f}x | "
                      f"{_fmt(r['acceptance_rate'], '.2f')} | {_fmt(r['tokens_per_step'], '.2f')} |")
     lines.append("")
+    if "prefix_cache" in record:
+        lines.append("- second turns reuse their first turn's keys and values (prefix cache, every method)"
+                     if record["prefix_cache"] else "- every turn runs its whole prompt (--no-prefix-cache)")
     for name, note in record["notes"].items():
         lines.append(f"- {name}: {note}")
     for name, tree in record["trees"].items():

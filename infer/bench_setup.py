@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 
 from infer import tune_tree
-from infer.api import DEFAULT_TREE, resolve_tree_buffers
+from infer.plan import DEFAULT_TREE, resolve_tree_buffers
 from medusa_jax import model
 from medusa_jax.bundle import Bundle
 from medusa_jax.config import HeadsConfig
@@ -142,7 +142,7 @@ def method_bundle(bundle: Bundle, method: Method, record: dict | None = None,
         return None, [], "skipped: the model has no Medusa heads (pass --heads)"
     if method.name == "medusa":
         paths = [tuple(p) for p in resolve_tree_buffers(bundle, "greedy").choices]
-        source = "the heads' tree.json" if bundle.tree is not None else "infer.api.DEFAULT_TREE"
+        source = "the heads' tree.json" if bundle.tree is not None else "infer.plan.DEFAULT_TREE"
         return bundle, paths, f"generate's default tree ({source})"
     have = bundle.heads_config.num_heads
     k = have if method.k is None else method.k

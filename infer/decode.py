@@ -136,15 +136,17 @@ def _root(spec: DecodeSpec, key: Array, logits: Array, temperature: Array, top_p
     return sampling.sample_from(key, sampling.target_probs(logits, temperature, top_p, spec.use_top_p))
 
 
-def _prefill_forward(spec: DecodeSpec, base, prompt: Array, prompt_len: Array, cache: model.KVCache
-                     ) -> tuple[Array, model.KVCache]:
-    """Runs the right-padded prompt [B, Tb] through the model, writing its keys and values from slot 0.
+def _prefill_forward(spec: DecodeSpec, base, prompt: Array, prompt_len: Array, cache: model.KVCache,
+                     reused: Array | int = 0) -> tuple[Array, model.KVCache]:
+    """Runs the right-padded prompt [B, Tb] through the model, writing its keys and values into the cache.
 
     Returns (hidden [B, H] at each sequence's last real position, cache). With `spec.prefill_chunk` = c < Tb
-    (Tb a multiple of c), a `fori_loop` runs only the ceil(max(prompt_len) / c) chunks that hold real tokens,
-    so the matmuls' cost follows the real prompt length rather than its bucket; slots of chunks not run keep
-    stale values, which nothing reads (every later mask stops at the sequence's length). Each chunk attends over
-    the live window (`spec.live_window`; else the bucket's Tb slots). Otherwise one forward over the bucket.
+    (Tb a multiple of c), a `fori_loop` runs c-token chunks from token `reused` (int32 []: the leading prompt
+    tokens whose keys and values the cache already holds, from an earlier call: `infer.api`'s prefix cache;
+    below every prompt_len) up to the longest prompt, so the matmuls' cost follows the new tokens rather than the
+    prompt's bucket; slots beyond a sequence's prompt keep stale values, which nothing reads (every later mask
+    stops at the sequence's length). Each chunk attends over the live window (`spec.live_window`; else the
+    bucket's Tb slots). Otherwise one forward over the whole bucket from slot 0 (`reused` is then ignored).
     """
     b, tb = prompt.shape
     s, c = spec.cache_len, spec.prefill_chunk
@@ -163,31 +165,37 @@ def _prefill_forward(spec: DecodeSpec, base, prompt: Array, prompt_len: Array, c
         return hidden[rows, prompt_len - 1], cache
 
     def forward_chunk(begin: Array, cache: model.KVCache) -> tuple[Array, model.KVCache]:
-        # The live window: chunk i reads slots [0, (i + 1) c) (rounded up to a `model.window_sizes` entry), not
+        # The live window: a chunk reads slots [0, begin + c) (rounded up to a `model.window_sizes` entry), not
         # the whole bucket, whose attention would dominate the early chunks of a long prompt.
         return forward_span(begin, c, begin + c if spec.live_window else tb, cache)
 
+    reused = jnp.asarray(reused, jnp.int32)
+
     def chunk(i: Array, carry: tuple[Array, model.KVCache]) -> tuple[Array, model.KVCache]:
         last, cache = carry
-        hidden, cache = forward_chunk(i * c, cache)  # [B, c, H]
-        at = prompt_len - 1 - i * c  # [B]: each sequence's last real token, if it falls in this chunk
+        # The last chunk may end past the bucket: it then starts earlier and recomputes a few cached tokens (the
+        # same keys and values again), so that every chunk is a static c-token slice of the prompt.
+        begin = jnp.minimum(reused + i * c, tb - c)
+        hidden, cache = forward_chunk(begin, cache)  # [B, c, H]
+        at = prompt_len - 1 - begin  # [B]: each sequence's last real token, if it falls in this chunk
         here = (at >= 0) & (at < c)
         return jnp.where(here[:, None], hidden[rows, jnp.clip(at, 0, c - 1)], last), cache
 
     hidden = jax.eval_shape(forward_chunk, jnp.int32(0), cache)[0]
     last = jnp.zeros((b, hidden.shape[-1]), hidden.dtype)
-    count = (jnp.max(prompt_len) + c - 1) // c  # chunks holding real tokens (prompt_len >= 1)
+    count = (jnp.max(prompt_len) - reused + c - 1) // c  # chunks holding new tokens (prompt_len > reused)
     return jax.lax.fori_loop(0, count, chunk, (last, cache))
 
 
 def prefill(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cache: model.KVCache,
-            max_new: Array, temperature: Array, top_p: Array, rng: Array) -> DecodeState:
-    """Runs the right-padded prompt [B, Tb] (real lengths prompt_len [B]) through the model (`_prefill_forward`);
-    emits the first token. Logits only at each sequence's last real position."""
+            max_new: Array, temperature: Array, top_p: Array, rng: Array, reused: Array | int = 0) -> DecodeState:
+    """Runs the right-padded prompt [B, Tb] (real lengths prompt_len [B]; the first `reused` tokens already
+    cached) through the model (`_prefill_forward`); emits the first token. Logits only at each sequence's last
+    real position."""
     b = prompt.shape[0]
     n, d = spec.tree.num_nodes, spec.tree.max_depth
     s = spec.cache_len
-    last, cache = _prefill_forward(spec, base, prompt, prompt_len, cache)  # [B, H]
+    last, cache = _prefill_forward(spec, base, prompt, prompt_len, cache, reused)  # [B, H]
     rng, key = jax.random.split(rng)
     root = _root(spec, key, model.logits(spec.config, base, last), temperature, top_p)
     st = DecodeState(
@@ -257,7 +265,8 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
 
 
 def generate(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cache: model.KVCache,
-             max_new: Array, temperature: Array, top_p: Array, rng: Array) -> DecodeOutput:
+             max_new: Array, temperature: Array, top_p: Array, rng: Array, reused: Array | int = 0
+             ) -> DecodeOutput:
     """A whole generation on device.
 
     Args:
@@ -267,12 +276,19 @@ def generate(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, ca
       cache: a KV cache of S slots (donated; contents are ignored).
       max_new: int32 [] tokens to generate at most (<= C); temperature, top_p: float32 [].
       rng: PRNG key.
+      reused: int32 []: the first `reused` prompt tokens' keys and values are already in `cache` (slots
+        [0, reused)), below every prompt length; only the chunked prefill skips them (`_prefill_forward`).
+    Returns the outputs and the cache, whose slots [0, length) then hold the keys and values of the prompt and
+    every token the last step built on (batch 1: exactly; a row that finished while others ran may have had
+    later steps' compactions overwrite its slots).
     """
     global _traces
     _traces += 1
-    st = prefill(spec, base, heads, prompt, prompt_len, cache, max_new, temperature, top_p, rng)
+    st = prefill(spec, base, heads, prompt, prompt_len, cache, max_new, temperature, top_p, rng, reused)
     st = jax.lax.while_loop(lambda st: (st.step < spec.capacity) & ~jnp.all(st.done),
                             lambda st: step(spec, base, heads, st, max_new, temperature, top_p), st)
+    if spec.tree.max_depth > 0:  # the last step's accepted path, whose move is deferred to a next step: do it now
+        st = st.replace(cache=_compact(st.cache, st.path_slots[:, 0], st.path_slots))
     valid = jnp.arange(spec.capacity)[None, :] < st.num_new[:, None]
     return DecodeOutput(tokens=jnp.where(valid, st.tokens[:, :spec.capacity], -1), num_new=st.num_new,
                         step=st.step, steps=st.steps, accepted=st.accepted,

@@ -113,7 +113,8 @@ class DecodeOutput:
       accepted: int32 [B, C]; draft tokens accepted per step (-1 where the sequence was done).
       proposed: int32 [B, C]; draft tokens proposed on the chosen path per step (-1 where done).
       length: int32 [B]; final cache length (prompt + generated tokens, minus the last one, not yet cached).
-      cache: the KV cache (for reuse by the next call; its contents are stale).
+      cache: the KV cache; slots [0, length) hold the keys and values of the prompt and the generated tokens
+        but the last (exactly for batch 1: `decode.generate`), which `infer.api` reuses as a prefix cache.
     """
 
     tokens: Array

@@ -65,7 +65,7 @@ def step_time(params: Bundle, paths: Sequence[tuple[int, ...]], prompt: list[int
     Two generations of different lengths share one compiled executable (same buckets); the difference of their
     wall times over the difference of their step counts is the per-step cost.
     """
-    kw = dict(mode="greedy" if paths else "ar", tree=list(paths) if paths else None, stop_ids=())
+    kw = dict(mode="greedy" if paths else "ar", tree=list(paths) if paths else None, stop_ids=(), prefix_cache=False)
     generate_ids(params, [prompt], max_new_tokens=70, **kw)  # compile + warm up
     best = float("inf")
     for _ in range(repeats):
@@ -111,7 +111,7 @@ def best_tree(record: dict, num_heads: int, min_nodes: int = 1) -> list | None:
 
 def measure_speed(params: Bundle, prompts: list[list[int]], paths: list, max_new_tokens: int) -> dict:
     """Greedy decoding of `prompts` with tree `paths` (empty = plain decoding): tokens/s and tokens per step."""
-    kw = dict(mode="greedy" if paths else "ar", tree=paths or None)
+    kw = dict(mode="greedy" if paths else "ar", tree=paths or None, prefix_cache=False)
     generate_ids(params, [prompts[0]], max_new_tokens=max_new_tokens, **kw)  # compile
     tokens = steps = 0
     wall = 0.0

@@ -104,7 +104,7 @@ def test_methods_take_turns_question_by_question(run):
 
 
 def test_medusa_row_decodes_with_generates_default_tree(run):
-    from infer.api import resolve_tree_buffers
+    from infer.plan import resolve_tree_buffers
     from infer.bench_setup import tiny_bundle
 
     record, printed, _, _ = run
@@ -343,3 +343,30 @@ def test_prefill_script_bad_input_is_one_error_line(argv, flag, capsys):
         prefill.main(["--model", "tiny", "--no-torch"] + argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and flag in err
+
+
+def test_second_turn_reuses_the_first_in_both_libraries():
+    """With the prefix cache a second turn runs only its new tokens, ours and transformers' alike, and answers
+    exactly as when it reruns its whole prompt."""
+    from infer import bench_hf
+    from infer.bench_setup import load_model, parse_method
+
+    bundle = load_model("tiny", None)
+    net, note = bench_hf.load_torch_model(bundle)
+    assert net is not None, note
+    # A first turn of about 110 tokens: the second turn's prompt (over 128 tokens) runs in 128-token chunks.
+    q = bench.Question(1, "writing", ("Tell me about the sea." + 4 * _LONG, "Shorter, please."))
+    for name, model in (("ar", None), ("hf", net)):
+        method = parse_method(name)
+        reused = bench.run_question(bundle, method, [], q, 0, 16, model, reuse=True)
+        whole = bench.run_question(bundle, method, [], q, 0, 16, model, reuse=False)
+        assert reused[0]["reused"] == whole[0]["reused"] == whole[1]["reused"] == 0  # each question starts cold
+        first_turn = len(chat_prompt(bundle, q.turns[0]))
+        assert reused[1]["reused"] >= first_turn, name  # the first turn's prompt, at least
+        assert [r["tokens"] for r in reused] == [r["tokens"] for r in whole], name
+
+
+def chat_prompt(bundle, text):
+    from medusa_jax import chat
+
+    return chat.render_prompt(bundle.tokenizer, text)
