@@ -11,9 +11,12 @@ from medusa_jax.errors import MedusaError
 
 
 def load(source=None, *, heads=None, dtype="float32"):
-    """Loads a model bundle; see `medusa_jax.loading.load`."""
+    """Loads a model bundle; see `medusa_jax.loading.load`. Turns on the persistent compilation cache first
+    (`medusa_jax.compile_cache`)."""
+    from medusa_jax import compile_cache
     from medusa_jax.loading import load as _load
 
+    compile_cache.enable()
     return _load(source, heads=heads, dtype=dtype)
 
 

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download models
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The suite runs in two xdist workers: on a GPU, each would otherwise preallocate 75% of the device memory.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# One persistent compilation cache per test run, never the user's: the xdist workers and the CLI subprocesses
+# load what another compiled (`medusa_jax.compile_cache`). Set before the workers start, so they inherit it.
+os.environ.setdefault("MEDUSA_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="medusa-jax-xla-"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 import medusa_jax  # noqa: E402
-from medusa_jax import model  # noqa: E402
+from medusa_jax import compile_cache, model  # noqa: E402
+
+compile_cache.enable()  # before any test compiles: JAX decides at its first compilation whether it uses the cache
 from medusa_jax.config import HeadsConfig  # noqa: E402
 
 

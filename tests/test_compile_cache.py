@@ -1,0 +1,52 @@
+"""The persistent compilation cache: a second process loads the generation executable the first one compiled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = """
+import json, jax
+events = []
+jax.monitoring.register_event_listener(lambda event, **kw: events.append(event))
+import medusa_jax
+from infer import generate_ids
+g = generate_ids(medusa_jax.load("tiny"), [[5, 6, 7]], max_new_tokens=4, mode="ar", stop_ids=())
+print(json.dumps({"hits": events.count("/jax/compilation_cache/cache_hits"), "tokens": g.tokens,
+                  "dir": jax.config.jax_compilation_cache_dir}))
+"""
+
+
+def _run(**env: str) -> dict:
+    full = {k: v for k, v in os.environ.items() if k not in ("MEDUSA_JAX_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    # Cache every executable, however fast it compiled (JAX's default keeps those that took a second or more).
+    full.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=str(REPO), **env)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=full, cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_loads_the_compiled_generation(tmp_path):
+    cache = tmp_path / "xla"
+    first = _run(MEDUSA_JAX_COMPILE_CACHE=str(cache))
+    assert first["dir"] == str(cache) and first["hits"] == 0
+    assert any(p.name.startswith("jit_generate") for p in cache.iterdir())
+    second = _run(MEDUSA_JAX_COMPILE_CACHE=str(cache))
+    assert second["hits"] >= 1 and second["tokens"] == first["tokens"]
+
+
+def test_off_and_a_users_own_cache_directory(tmp_path):
+    off = _run(MEDUSA_JAX_COMPILE_CACHE="off", XDG_CACHE_HOME=str(tmp_path / "home"))
+    assert off["dir"] is None and off["hits"] == 0 and not (tmp_path / "home").exists()
+    own = _run(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "own"), MEDUSA_JAX_COMPILE_CACHE=str(tmp_path / "ours"))
+    assert own["dir"] == str(tmp_path / "own") and not (tmp_path / "ours").exists()
+
+
+def test_default_directory_follows_xdg_cache_home(tmp_path):
+    run = _run(XDG_CACHE_HOME=str(tmp_path))
+    assert run["dir"] == str(tmp_path / "medusa-jax" / "xla")
