@@ -15,6 +15,7 @@ is capped at `MAX_BYTES`, least recently used entries first out.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -53,8 +54,4 @@ def enable() -> str | None:
 
 
 def _has_filelock() -> bool:
-    try:
-        import filelock  # noqa: F401  (installed with transformers' huggingface_hub)
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("filelock") is not None  # installed with transformers' huggingface_hub

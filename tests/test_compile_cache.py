@@ -47,6 +47,11 @@ def test_off_and_a_users_own_cache_directory(tmp_path):
     assert own["dir"] == str(tmp_path / "own") and not (tmp_path / "ours").exists()
 
 
-def test_default_directory_follows_xdg_cache_home(tmp_path):
-    run = _run(XDG_CACHE_HOME=str(tmp_path))
-    assert run["dir"] == str(tmp_path / "medusa-jax" / "xla")
+def test_default_directory_follows_xdg_cache_home(tmp_path, monkeypatch):
+    from medusa_jax import compile_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache.default_dir() == tmp_path / "medusa-jax" / "xla"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compile_cache.default_dir() == tmp_path / "home" / ".cache" / "medusa-jax" / "xla"
