@@ -4,8 +4,9 @@
 mode and tree, bucket the shapes so similar calls reuse one compiled executable, and run `decode.generate` once.
 
 Arguments are checked and bucketed by `infer.plan`. The KV cache of each shape is kept after a call and donated
-to the next one of the same shape, so repeated calls allocate nothing. A batch-1 call also reuses the keys and values
-of the previous batch-1 call's prompt and answer where its prompt starts with them (`infer.prefix_cache`).
+to the next one of the same shape, so repeated calls of one shape allocate no cache. A batch-1 call also reuses
+the keys and values of the previous batch-1 call's prompt and answer where its prompt starts with them
+(`infer.prefix_cache`; the kept cache then stays out of other calls, which may allocate their own).
 """
 
 from __future__ import annotations
@@ -131,11 +132,12 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
     b = len(prompts)
     pool_key = (spec.config, b, spec.cache_len, str(params.dtype))
     prefix = prefix_cache and b == 1
-    reused = prefixes.reusable(params.base, prompts[0], _cache_pool, spec.prefill_chunk,
-                               plan.padded.shape[1]) if prefix else 0
-    cache = prefixes.take(_cache_pool, spec.cache_len) if reused else _cache_pool.pop(pool_key, None)
-    if not prefix and prefixes.holds(cache):  # leave the kept prefix to a later call that reuses it
-        _cache_pool[pool_key], cache = cache, None
+    reused, cache = prefixes.take(spec.config, params.base, prompts[0], _cache_pool, spec.prefill_chunk,
+                                  plan.padded.shape[1], spec.cache_len) if prefix else (0, None)
+    if cache is None:
+        cache = _cache_pool.pop(pool_key, None)
+        if not prefix and prefixes.holds(cache):  # leave the kept prefix to a later call that reuses it
+            _cache_pool[pool_key], cache = cache, None
     if cache is None:
         cache = model.init_cache(spec.config, b, spec.cache_len, params.dtype)
     args = plan.args(params, cache, max_new, seed, temperature, top_p, reused)
@@ -159,8 +161,8 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
     steps = int(out.step)
     seqs = [tokens_np[i, :num_new[i]].tolist() for i in range(b)]
     if prefix:  # slots [0, length) hold the prompt and the answer but its last token (maybe more, unemitted)
-        prefixes.keep(params.base, prompts[0] + seqs[0][:int(out.length[0]) - len(prompts[0])], out.cache,
-                      pool_key)
+        prefixes.keep(spec.config, params.base, prompts[0] + seqs[0][:int(out.length[0]) - len(prompts[0])],
+                      out.cache, pool_key)
     finish = ["stop" if s and s[-1] in spec.stop_ids else "length" if len(s) >= max_new else "capacity"
               for s in seqs]
     return Generation(tokens=seqs, padded=np.where(np.arange(max_new) < num_new[:, None], tokens_np, -1),
@@ -172,12 +174,14 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
 def warm_up(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
             mode: str | None = None, tree: Any = None, stream: Callable | None = None,
             stop_ids: Sequence[int] | None = None, cache_length: int | None = None, typical_epsilon: float = 0.09,
-            typical_delta: float = 0.3, prefill_chunk: int | None = None, **_unused: Any) -> float:
+            typical_delta: float = 0.3, prefill_chunk: int | None = None, seed: int = 0,
+            prefix_cache: bool = True) -> float:
     """Compiles what `generate_ids` with the same arguments would run, if not compiled yet, and then runs it once
     for at most 2 new tokens on a scratch cache (an executable's first run carries one-off costs), leaving the
     kept caches and the prefix cache as they were. Returns the seconds spent compiling (0: nothing was done).
-    Arguments that do not change the compiled generation (seed, prefix_cache) are accepted and ignored, so a
-    benchmark passes one set of keyword arguments to both; its timed call then neither compiles nor runs cold."""
+    `seed` and `prefix_cache` do not change the compiled generation and are accepted and ignored, so a benchmark
+    passes one set of keyword arguments to both; its timed call then neither compiles nor runs cold."""
+    del seed, prefix_cache
     plan = make_plan(params, prompt_ids, max_new_tokens, temperature, top_p, mode, tree, stream is not None,
                      stop_ids, cache_length, typical_epsilon, typical_delta, prefill_chunk)
     cache = model.init_cache(plan.spec.config, len(plan.prompts), plan.spec.cache_len, params.dtype)

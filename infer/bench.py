@@ -14,8 +14,9 @@ Methods (`--methods`, comma-separated; `ar` always runs, it is the baseline):
 
 Each MT-Bench question is answered in both turns; the second turn is conditioned on the method's own first
 answer (greedy methods all produce the same text). A second turn reuses the keys and values of its first turn
-(prompt and answer), ours through `generate`'s prefix cache and transformers' through the cache its `generate`
-returns, so it runs only its new tokens through the model; `--no-prefix-cache` reruns every prompt whole in both.
+(prompt and answer), ours through `generate`'s prefix cache (where the prompt runs in prefill chunks: beyond
+128 tokens on a CPU, 512 elsewhere) and transformers' through the cache its `generate` returns, so it runs only
+its new tokens through the model; `--no-prefix-cache` reruns every prompt whole in both.
 Methods take turns question by question, so a machine whose speed drifts during the run slows every row alike.
 Times are `Generation.wall_s` (prefill + decoding, never compilation): each executable is compiled and run once
 by `infer.api.warm_up` before its first timed call, so every timed call is a warm one. Outputs: a markdown table

@@ -91,9 +91,12 @@ def markdown(record: dict) -> str:
         lines.append(f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['latency_ms']:.1f} | {r['speedup']:.2f}x | "
                      f"{_fmt(r['acceptance_rate'], '.2f')} | {_fmt(r['tokens_per_step'], '.2f')} |")
     lines.append("")
-    if "prefix_cache" in record:
-        lines.append("- second turns reuse their first turn's keys and values (prefix cache, every method)"
-                     if record["prefix_cache"] else "- every turn runs its whole prompt (--no-prefix-cache)")
+    if record.get("prefix_cache"):
+        reused = ", ".join(f"{r['method']} {r.get('reused_tokens', 0)}" for r in rows)
+        lines.append(f"- second turns reuse their first turn's keys and values, prompt tokens reused: {reused} (ours "
+                     f"where the prompt runs in prefill chunks: beyond 128 tokens on a CPU, 512 elsewhere)")
+    elif "prefix_cache" in record:
+        lines.append("- every turn runs its whole prompt (--no-prefix-cache)")
     for name, note in record["notes"].items():
         lines.append(f"- {name}: {note}")
     for name, tree in record["trees"].items():

@@ -11,7 +11,8 @@ root); n += a + 1. The cache is compacted at the start of the NEXT step, before 
 accepted path's nodes are gathered and written to slots [n_old, n_old + D], of which the first a + 1 are valid
 (the rest are stale, then overwritten by the new tree). Compacting after the attention reads of the same step
 made XLA copy every cache buffer on every step (an in-place write after in-place reads of the loop carry);
-before the forward, all writes precede all reads and the cache stays in place.
+before the forward, all writes precede all reads and the cache stays in place. When the loop ends, the last
+step's path is compacted too, so that the cache can serve the next call as a prefix (`infer.prefix_cache`).
 The next drafts come from the Medusa heads applied to the hidden state at the last accepted node of the same pass:
 no extra forward. Plain decoding is the same loop over the root-only tree (N = 1, no heads).
 The cache is sized for the longest generation, but each forward's attention reads only the smallest window of it
@@ -273,7 +274,7 @@ def generate(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, ca
       spec: static description (tree, rule, capacity C, cache length S, stop ids).
       base, heads: parameters (heads may be None when the tree has no draft nodes).
       prompt: int32 [B, Tb] right-padded prompts; prompt_len: int32 [B] real lengths (1 <= len <= Tb).
-      cache: a KV cache of S slots (donated; contents are ignored).
+      cache: a KV cache of S slots (donated; contents beyond the first `reused` slots are ignored).
       max_new: int32 [] tokens to generate at most (<= C); temperature, top_p: float32 [].
       rng: PRNG key.
       reused: int32 []: the first `reused` prompt tokens' keys and values are already in `cache` (slots
@@ -288,7 +289,11 @@ def generate(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, ca
     st = jax.lax.while_loop(lambda st: (st.step < spec.capacity) & ~jnp.all(st.done),
                             lambda st: step(spec, base, heads, st, max_new, temperature, top_p), st)
     if spec.tree.max_depth > 0:  # the last step's accepted path, whose move is deferred to a next step: do it now
-        st = st.replace(cache=_compact(st.cache, st.path_slots[:, 0], st.path_slots))
+        # Only after a step: a generation that stopped at its prefill has no path, and its identity path may then
+        # reach past the cache's end (a prompt that filled it).
+        cache = jax.lax.cond(st.step > 0, lambda c: _compact(c, st.path_slots[:, 0], st.path_slots), lambda c: c,
+                             st.cache)
+        st = st.replace(cache=cache)
     valid = jnp.arange(spec.capacity)[None, :] < st.num_new[:, None]
     return DecodeOutput(tokens=jnp.where(valid, st.tokens[:, :spec.capacity], -1), num_new=st.num_new,
                         step=st.step, steps=st.steps, accepted=st.accepted,

@@ -2,7 +2,7 @@
 
 After a batch-1 generation, slots [0, length) of its KV cache hold the prompt and every generated token but the
 last (`decode.generate`), and `infer.api` keeps that cache for the next call of its shape. The entry here
-remembers which token ids those slots hold and which base weights computed them. A later batch-1 call whose
+remembers which token ids those slots hold and which model and weights computed them. A later batch-1 call whose
 prompt starts with some of those ids (the next turn of the same conversation: the same messages, the answer,
 a new user message) takes the cache and runs only its remaining tokens through the model: the chunked prefill
 starts at the first token not in common (`decode._prefill_forward`).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import weakref
 from typing import Any, Sequence
 
@@ -28,15 +29,17 @@ from medusa_jax import model
 @dataclasses.dataclass
 class Entry:
     """What `cache` (also the pool's cache for `pool_key`, until a later call of that shape replaces it) holds in
-    slots [0, len(ids))."""
+    slots [0, len(ids)), computed by `config` with the weights `base`."""
 
     ids: tuple[int, ...]
     cache: model.KVCache
     pool_key: tuple
+    config: Any
     base: tuple[weakref.ref, ...]  # the base weights' leaves, by identity (never kept alive by the entry)
 
 
 _entry: list[Entry | None] = [None]
+_lock = threading.Lock()  # calls from several threads must not take the same cache twice
 
 
 def _base_refs(base: Any) -> tuple[weakref.ref, ...] | None:
@@ -53,24 +56,23 @@ def _same_base(refs: tuple[weakref.ref, ...], base: Any) -> bool:
 
 def clear() -> None:
     """Forgets the kept prefix."""
-    _entry[0] = None
+    with _lock:
+        _entry[0] = None
 
 
-def keep(base: Any, ids: Sequence[int], cache: model.KVCache, pool_key: tuple) -> None:
-    """Records that `cache` (put in the pool for `pool_key`) holds the keys and values of `ids`, computed with the
-    weights `base`."""
+def keep(config: Any, base: Any, ids: Sequence[int], cache: model.KVCache, pool_key: tuple) -> None:
+    """Records that `cache` (put in the pool for `pool_key`) holds the keys and values of `ids`, computed by the
+    model `config` with the weights `base`."""
     refs = _base_refs(base)
-    _entry[0] = None if refs is None else Entry(tuple(ids), cache, pool_key, refs)
+    with _lock:
+        _entry[0] = None if refs is None else Entry(tuple(ids), cache, pool_key, config, refs)
 
 
-def reusable(base: Any, prompt: Sequence[int], pool: dict, chunk: int, bucket: int) -> int:
-    """Leading tokens of `prompt` whose keys and values the kept cache holds and a prefill of `chunk`-token
-    chunks over a `bucket`-token prompt bucket would skip; 0 when reuse would save no chunk."""
-    entry = _entry[0]
+def _reusable(entry: Entry | None, config: Any, base: Any, prompt: Sequence[int], chunk: int, bucket: int) -> int:
     if entry is None or not chunk or bucket <= chunk or bucket % chunk:
         return 0
-    if entry.cache[0][0].is_deleted() or not _same_base(entry.base, base):
-        return 0  # the kept cache was donated to another call since, or other weights computed it
+    if entry.cache[0][0].is_deleted() or entry.config != config or not _same_base(entry.base, base):
+        return 0  # the kept cache was donated to another call since, or another model computed it
     common = 0
     for a, b in zip(entry.ids, prompt):
         if a != b:
@@ -81,20 +83,28 @@ def reusable(base: Any, prompt: Sequence[int], pool: dict, chunk: int, bucket: i
     return common if chunks(len(prompt) - common) < chunks(len(prompt)) else 0
 
 
+def take(config: Any, base: Any, prompt: Sequence[int], pool: dict, chunk: int, bucket: int, slots: int
+         ) -> tuple[int, model.KVCache | None]:
+    """(reused, cache): the leading tokens of `prompt` whose keys and values the kept cache holds and a prefill of
+    `chunk`-token chunks over a `bucket`-token prompt bucket would skip, and that cache as one of `slots` slots
+    (its first slots kept; out of the pool; the entry is spent: the cache is donated to the call that reuses
+    it). (0, None) when reuse would save no chunk."""
+    with _lock:
+        entry = _entry[0]
+        reused = _reusable(entry, config, base, prompt, chunk, bucket)
+        if not reused:
+            return 0, None
+        _entry[0] = None
+        if pool.get(entry.pool_key) is entry.cache:
+            del pool[entry.pool_key]
+    cache = entry.cache
+    return reused, (cache if cache[0][0].shape[1] == slots else _fit(cache, slots))
+
+
 def holds(cache: model.KVCache | None) -> bool:
     """Whether `cache` is the kept prefix's (a call that does not reuse it must not take it)."""
-    return cache is not None and _entry[0] is not None and _entry[0].cache is cache
-
-
-def take(pool: dict, slots: int) -> model.KVCache:
-    """The kept cache (out of the pool if still there) as a cache of `slots` slots, its first slots kept; the
-    entry is spent (the cache is donated to the call that reuses it)."""
     entry = _entry[0]
-    _entry[0] = None
-    if pool.get(entry.pool_key) is entry.cache:
-        del pool[entry.pool_key]
-    cache = entry.cache
-    return cache if cache[0][0].shape[1] == slots else _fit(cache, slots)
+    return cache is not None and entry is not None and entry.cache is cache
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -40,8 +40,9 @@ class DecodeSpec:
         (`model.window_sizes`, one `lax.switch` per layer); False makes steps read every slot and chunks the
         prompt bucket's slots (a measurement baseline: `bench/gpu_7b.py --full-window`).
       prefill_chunk: c, tokens per prefill forward: the prompt bucket Tb (a multiple of c when larger) runs as
-        ceil(longest prompt / c) forwards of c tokens in a loop, so the prefill costs what the real prompt needs
-        rather than its power-of-two bucket; 0 (or c >= Tb) runs one forward over the whole bucket.
+        ceil((longest prompt - reused prefix) / c) forwards of c tokens in a loop, so the prefill costs what the
+        new tokens need rather than the prompt's power-of-two bucket; 0 (or c >= Tb) runs one forward over the
+        whole bucket.
     """
 
     config: LlamaConfig

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download models
@@ -11,7 +13,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # One persistent compilation cache per test run, never the user's: the xdist workers and the CLI subprocesses
 # load what another compiled (`medusa_jax.compile_cache`). Set before the workers start, so they inherit it.
-os.environ.setdefault("MEDUSA_JAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="medusa-jax-xla-"))
+if "MEDUSA_JAX_COMPILE_CACHE" not in os.environ:  # the process that makes the folder removes it at exit
+    os.environ["MEDUSA_JAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="medusa-jax-xla-")
+    atexit.register(shutil.rmtree, os.environ["MEDUSA_JAX_COMPILE_CACHE"], ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

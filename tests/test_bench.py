@@ -364,6 +364,16 @@ def test_second_turn_reuses_the_first_in_both_libraries():
         first_turn = len(chat_prompt(bundle, q.turns[0]))
         assert reused[1]["reused"] >= first_turn, name  # the first turn's prompt, at least
         assert [r["tokens"] for r in reused] == [r["tokens"] for r in whole], name
+    # transformers' generate continued the very cache it was given (the same object comes back, grown)
+    from infer.api import default_stop_ids
+
+    stops = default_stop_ids(bundle)
+    bench_hf.reset_prefix(net)
+    p1 = chat_prompt(bundle, q.turns[0])
+    first = bench_hf.run_hf(net, p1, 8, stops, prefix_cache=True)
+    kept = net._bench_prefix[1]
+    second = bench_hf.run_hf(net, p1 + first["tokens"] + p1[-5:], 8, stops, prefix_cache=True)
+    assert second["reused"] >= len(p1) and net._bench_prefix[1] is kept
 
 
 def chat_prompt(bundle, text):

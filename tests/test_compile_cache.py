@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, jax
@@ -28,7 +30,7 @@ def _run(**env: str) -> dict:
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=full, cwd=REPO, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "stderr": out.stderr}
 
 
 def test_second_process_loads_the_compiled_generation(tmp_path):
@@ -37,6 +39,8 @@ def test_second_process_loads_the_compiled_generation(tmp_path):
     assert first["dir"] == str(cache) and first["hits"] == 0
     assert any(p.name.startswith("jit_generate") for p in cache.iterdir())
     second = _run(MEDUSA_JAX_COMPILE_CACHE=str(cache))
+    if second["hits"] == 0 and "doesn't match the machine type" in second["stderr"]:
+        pytest.skip("this CPU hits jax-ml/jax#38445: XLA rejects its own cached executables on reload")
     assert second["hits"] >= 1 and second["tokens"] == first["tokens"]
 
 
@@ -51,7 +55,10 @@ def test_default_directory_follows_xdg_cache_home(tmp_path, monkeypatch):
     from medusa_jax import compile_cache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert compile_cache.default_dir() == tmp_path / "medusa-jax" / "xla"
+    import jaxlib
+
+    version = f"jaxlib-{jaxlib.__version__}"
+    assert compile_cache.default_dir() == tmp_path / "medusa-jax" / "xla" / version
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert compile_cache.default_dir() == tmp_path / "home" / ".cache" / "medusa-jax" / "xla"
+    assert compile_cache.default_dir() == tmp_path / "home" / ".cache" / "medusa-jax" / "xla" / version

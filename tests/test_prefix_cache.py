@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -123,3 +124,59 @@ def test_stop_token_answer_is_reused_up_to_the_stop():
     g2 = _gen(bundle, p2, "greedy", True)
     _assert_reused_all(g2.reused, p1, g1.tokens[0], "greedy")
     assert g2.tokens == _gen(bundle, p2, "greedy", False).tokens
+
+
+def test_the_next_turn_reads_the_kept_cache():
+    """Turn 1's keys and values replaced by zeros: turn 2 then answers differently, so it did read them."""
+    bundle = _random()
+    prefix_cache.clear()
+    p1 = _prompt(bundle, 30, seed=15)
+    g1 = _gen(bundle, p1, "ar", True)
+    p2 = p1 + g1.tokens[0] + _prompt(bundle, 6, seed=16)
+    fresh = _gen(bundle, p2, "ar", False)  # leaves the kept prefix alone
+    entry = prefix_cache._entry[0]
+    entry.cache = jax.tree.map(jnp.zeros_like, entry.cache)
+    g2 = _gen(bundle, p2, "ar", True)
+    assert g2.reused > 0 and g2.tokens != fresh.tokens
+
+
+def test_a_last_chunk_past_the_bucket_starts_earlier():
+    """60 tokens (bucket 64), 51 of them cached: the one chunk of 16 starts at 48, not 51, and recomputes 3."""
+    bundle = _random()
+    prefix_cache.clear()
+    p1 = _prompt(bundle, 40, seed=17)
+    g1 = _gen(bundle, p1, "ar", True, max_new=12)
+    p2 = p1 + g1.tokens[0] + _prompt(bundle, 8, seed=18)
+    g2 = _gen(bundle, p2, "ar", True)
+    assert (len(p2), g2.reused) == (60, 51)
+    assert g2.tokens == _gen(bundle, p2, "ar", False).tokens
+
+
+def test_a_generation_stopped_at_its_prefill_keeps_its_prompt_intact():
+    """A prompt that fills the cache (124 tokens + a 9-node tree > 128 slots) stops after its first token; its
+    cache, reused by the next turn, holds the prompt unmoved (no path compaction without a step)."""
+    bundle = _random()
+    prefix_cache.clear()
+    p1 = _prompt(bundle, 124, seed=19)
+    g1 = api.generate_ids(bundle, [p1], max_new_tokens=24, mode="greedy", stop_ids=(), prefill_chunk=CHUNK,
+                          cache_length=128)
+    assert g1.finish == ["capacity"] and len(g1.tokens[0]) == 1
+    p2 = p1 + g1.tokens[0] + _prompt(bundle, 5, seed=20)
+    g2 = _gen(bundle, p2, "greedy", True)
+    assert g2.reused == len(p1)
+    assert g2.tokens == _gen(bundle, p2, "greedy", False).tokens
+
+
+@pytest.mark.parametrize("mode", ["sample", "typical"])
+def test_sampling_modes_reuse_and_draw_the_same_tokens(mode):
+    """At temperature 0.7 with one seed, a reused prefix gives the logits of a whole prefill (up to float
+    rounding), hence the same draws."""
+    bundle = _random()
+    prefix_cache.clear()
+    kw = dict(max_new_tokens=16, mode=mode, temperature=0.7, seed=5, stop_ids=(), prefill_chunk=CHUNK)
+    p1 = _prompt(bundle, 30, seed=21)
+    g1 = api.generate_ids(bundle, [p1], prefix_cache=True, **kw)
+    p2 = p1 + g1.tokens[0] + _prompt(bundle, 4, seed=22)
+    g2 = api.generate_ids(bundle, [p2], prefix_cache=True, **kw)
+    assert g2.reused >= len(p1) + len(g1.tokens[0]) - 1
+    assert g2.tokens == api.generate_ids(bundle, [p2], prefix_cache=False, **kw).tokens
