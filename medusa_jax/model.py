@@ -15,6 +15,7 @@ bound by streaming the weights, and a `lax.scan` over stacked weights measured 2
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -131,9 +132,18 @@ def attend_window(q: Array, keys: Array, values: Array, mask: Array, scale: floa
     sizes = window_sizes(s)
     if len(sizes) == 1:
         return attend(q, keys, values, mask, scale)
-    branches = [lambda q, k, v, m, w=w: attend(q, k[:, :w], v[:, :, :w], m[..., :w], scale) for w in sizes]
+    branches = _window_branches(sizes, scale)
     index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.asarray(window, jnp.int32))  # first size >= window
     return jax.lax.switch(jnp.minimum(index, len(sizes) - 1), branches, q, keys, values, mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _window_branches(sizes: tuple[int, ...], scale: float) -> tuple:
+    """`attend_window`'s switch branches, one per window size: the same function objects for every layer, so
+    that JAX traces each branch once per shape rather than once per layer."""
+    def branch(w: int):
+        return lambda q, k, v, m: attend(q, k[:, :w], v[:, :, :w], m[..., :w], scale)
+    return tuple(branch(w) for w in sizes)
 
 
 class Attention(nn.Module):

@@ -380,3 +380,18 @@ def chat_prompt(bundle, text):
     from medusa_jax import chat
 
     return chat.render_prompt(bundle.tokenizer, text)
+
+
+def test_compile_time_script_times_lowering_and_compilation():
+    """bench/compile_time.py on the tiny model (its own process: it turns the persistent cache off first)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "bench" / "compile_time.py"), "--model", "tiny", "--lengths",
+                          "20"], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 20 |")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("ar", "1"), ("greedy", "9")]
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
