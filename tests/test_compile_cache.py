@@ -44,11 +44,22 @@ def test_second_process_loads_the_compiled_generation(tmp_path):
     assert second["hits"] >= 1 and second["tokens"] == first["tokens"]
 
 
-def test_off_and_a_users_own_cache_directory(tmp_path):
+def test_off_leaves_the_cache_alone(tmp_path):
     off = _run(MEDUSA_JAX_COMPILE_CACHE="off", XDG_CACHE_HOME=str(tmp_path / "home"))
     assert off["dir"] is None and off["hits"] == 0 and not (tmp_path / "home").exists()
-    own = _run(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "own"), MEDUSA_JAX_COMPILE_CACHE=str(tmp_path / "ours"))
-    assert own["dir"] == str(tmp_path / "own") and not (tmp_path / "ours").exists()
+
+
+def test_a_cache_directory_configured_for_jax_is_kept(monkeypatch, tmp_path):
+    """In this process (conftest enabled the cache) JAX has a directory: enable() keeps it, whatever the variable."""
+    import jax
+
+    from medusa_jax import compile_cache
+
+    configured = jax.config.jax_compilation_cache_dir
+    assert configured
+    monkeypatch.setenv("MEDUSA_JAX_COMPILE_CACHE", str(tmp_path / "ours"))
+    assert compile_cache.enable() == configured == jax.config.jax_compilation_cache_dir
+    assert not (tmp_path / "ours").exists()
 
 
 def test_default_directory_follows_xdg_cache_home(tmp_path, monkeypatch):
