@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import platform
 import time
 from typing import Sequence
 
-from medusa_jax.errors import MedusaError, cli_errors
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python bench/x.py`
+
+from bench import int_list  # noqa: E402
+from medusa_jax.errors import MedusaError, cli_errors  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -31,13 +35,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--max-new-tokens", type=int, default=256, help="output budget the executable is sized for")
     args = p.parse_args(argv)
     with cli_errors():
-        try:
-            lengths = [int(v) for v in args.lengths.split(",")]
-        except ValueError:
-            raise MedusaError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
-        if min(lengths) < 1:
-            raise MedusaError(f"--lengths values must be >= 1, got {args.lengths!r}")
-        return _run(args, lengths, [m.strip() for m in args.modes.split(",") if m.strip()])
+        return _run(args, int_list(args.lengths, "--lengths", 1), [m.strip() for m in args.modes.split(",") if m.strip()])
 
 
 def _run(args, lengths: list[int], modes: list[str]) -> list[dict]:

@@ -17,14 +17,19 @@ relative to plain decoding).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import platform
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
-from medusa_jax import config as configs
-from medusa_jax.errors import MedusaError, cli_errors
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python bench/x.py`
+
+from bench import int_list  # noqa: E402
+from medusa_jax import config as configs  # noqa: E402
+from medusa_jax.errors import cli_errors  # noqa: E402
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -103,13 +108,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     with cli_errors():
         cfg = configs.preset(args.config)
-        try:
-            rows = [int(r) for r in args.rows.split(",")]
-        except ValueError:
-            raise MedusaError(f"--rows must be comma-separated integers, got {args.rows!r}") from None
-        if min(rows) < 1:
-            raise MedusaError(f"--rows must be positive, got {args.rows!r}")
-        return _run(args, cfg, rows)
+        return _run(args, cfg, int_list(args.rows, "--rows", 1))
 
 
 def _run(args, cfg, rows: list[int]) -> list[dict]:

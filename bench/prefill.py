@@ -15,23 +15,18 @@ A chat's second turn carries the first turn and its answer, so prompts of severa
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import platform
 import time
 from typing import Sequence
 
 import numpy as np
 
-from medusa_jax.errors import MedusaError, cli_errors
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python bench/x.py`
 
-
-def _ints(text: str, flag: str, minimum: int) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise MedusaError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if min(values) < minimum:
-        raise MedusaError(f"{flag} values must be >= {minimum}, got {text!r}")
-    return values
+from bench import int_list  # noqa: E402
+from medusa_jax.errors import MedusaError, cli_errors  # noqa: E402
 
 
 def _torch_ms(net, ids: list[int], repeats: int) -> float:
@@ -58,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--no-torch", action="store_true", help="skip the transformers column")
     args = p.parse_args(argv)
     with cli_errors():
-        lengths = _ints(args.lengths, "--lengths", 1)
-        chunks = _ints(args.chunks, "--chunks", 0)
+        lengths = int_list(args.lengths, "--lengths", 1)
+        chunks = int_list(args.chunks, "--chunks", 0)
         if args.repeats < 1:
             raise MedusaError(f"--repeats must be >= 1, got {args.repeats}")
         return _run(args, lengths, chunks)

@@ -75,11 +75,10 @@ def run_hf(net: Any, prompt: list[int], max_new: int, stops: tuple[int, ...], pr
     reused = 0
     kept = getattr(net, "_bench_prefix", None)
     if prefix_cache and kept is not None:
+        from infer.prefix_cache import common_prefix
+
         held, cache = kept
-        for a, b in zip(held, prompt[:-1]):  # the last prompt token always runs: its logits give the first token
-            if a != b:
-                break
-            reused += 1
+        reused = common_prefix(held, prompt[:-1])  # the last prompt token always runs: its logits give token 1
         if reused:
             cache.crop(reused - cache.get_seq_length())  # a negative count drops that many trailing entries
             kw[name] = cache

@@ -68,17 +68,22 @@ def keep(config: Any, base: Any, ids: Sequence[int], cache: model.KVCache, pool_
         _entry[0] = None if refs is None else Entry(tuple(ids), cache, pool_key, config, refs)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _reusable(entry: Entry | None, config: Any, base: Any, prompt: Sequence[int], chunk: int, bucket: int) -> int:
     if entry is None or not chunk or bucket <= chunk or bucket % chunk:
         return 0
     if entry.cache[0][0].is_deleted() or entry.config != config or not _same_base(entry.base, base):
         return 0  # the kept cache was donated to another call since, or another model computed it
-    common = 0
-    for a, b in zip(entry.ids, prompt):
-        if a != b:
-            break
-        common += 1
-    common = min(common, len(prompt) - 1)  # the last prompt token always runs: its logits give the first token
+    common = min(common_prefix(entry.ids, prompt), len(prompt) - 1)  # the last prompt token always runs
     chunks = lambda n: -(-n // chunk)
     return common if chunks(len(prompt) - common) < chunks(len(prompt)) else 0
 
