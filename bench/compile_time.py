@@ -62,7 +62,7 @@ def _run(args, lengths: list[int], modes: list[str]) -> list[dict]:
     for n in lengths:
         for mode in modes:
             plan = make_plan(bundle, [[5] * n], args.max_new_tokens, 0.0, 1.0, mode, None if mode == "ar" else tree,
-                             False, None, None, 0.09, 0.3, None)
+                             None, None, 0.09, 0.3, None)
             cache = model.init_cache(bundle.config, 1, plan.spec.cache_len, bundle.dtype)
             call = plan.args(bundle, cache, plan.max_new, 0, 0.0, 1.0, 0)
             t0 = time.perf_counter()

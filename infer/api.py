@@ -1,7 +1,8 @@
 """The user-facing generation API: prompts in, text (and stats) out.
 
 `generate` renders chat prompts, `generate_ids` takes token ids (benchmarks, distillation, tests). Both pick the
-mode and tree, bucket the shapes so similar calls reuse one compiled executable, and run `decode.generate` once.
+mode and tree, bucket the shapes so similar calls reuse one compiled executable, and run `decode.generate` once
+(or, streaming, its pieces: `decode.start_jit`, `advance_jit` per segment, `finish_jit`).
 
 Arguments are checked and bucketed by `infer.plan`. The KV cache of each shape is kept after a call and donated
 to the next one of the same shape, so repeated calls of one shape allocate no cache. A batch-1 call also reuses
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 
 from infer import decode, prefix_cache as prefixes
-from infer.plan import default_stop_ids, make_plan
+from infer.plan import default_stop_ids, make_plan, stream_steps
 from infer.state import DecodeSpec
 from medusa_jax import chat, model
 from medusa_jax.bundle import Bundle
@@ -85,16 +86,60 @@ class Generation:
                 "wall_s": self.wall_s, "compile_s": self.compile_s, "reused_tokens": self.reused}
 
 
-def _executable(spec: DecodeSpec, args: tuple) -> tuple[Any, float]:
+_JITTED = {"generate": decode.generate_jit, "start": decode.start_jit, "advance": decode.advance_jit,
+           "finish": decode.finish_jit}
+
+
+def _executable(kind: str, spec: DecodeSpec, args: tuple, *static) -> tuple[Any, float]:
+    """The compiled `decode.<kind>_jit` for these argument shapes (arrays or ShapeDtypeStructs); compile seconds."""
     shapes = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args))
-    key = (spec, jax.tree.structure(args), shapes)
+    key = (kind, spec, static, jax.tree.structure(args), shapes)
     if key in _executables:
         return _executables[key], 0.0
     t0 = time.perf_counter()
-    exe = decode.generate_jit.lower(spec, *args).compile()
+    exe = _JITTED[kind].lower(spec, *static, *args).compile()
     _compiles[0] += 1
     _executables[key] = exe
     return exe, time.perf_counter() - t0
+
+
+def _prepare(spec: DecodeSpec, args: tuple, streaming: bool) -> tuple[tuple, float]:
+    """The executables one generation (`plan.args`) runs, compiled if new; compile seconds. Plain: `generate`.
+    Streaming: `start`, `advance` (segments of `stream_steps()` steps) and `finish`, whose argument shapes come
+    from `start`'s outputs."""
+    if not streaming:
+        exe, compile_s = _executable("generate", spec, args)
+        return (exe,), compile_s
+    base, heads, max_new, temperature, top_p = args[0], args[1], args[5], args[6], args[7]
+    start, c0 = _executable("start", spec, args)
+    state = start.out_info[0]
+    advance, c1 = _executable("advance", spec, (base, heads, state, max_new, temperature, top_p), stream_steps())
+    finish, c2 = _executable("finish", spec, (state.cache, state.replace(cache=None)))
+    return (start, advance, finish), c0 + c1 + c2
+
+
+def _run(exes: tuple, args: tuple, stream: Callable[[list[list[int]]], None] | None) -> tuple[Any, float]:
+    """Runs one generation with `_prepare`'s executables; returns (DecodeOutput, seconds).
+
+    Streaming dispatches each segment before reading the previous one's tokens, so the device never waits for
+    the host (`infer.decode`'s docstring says why segments and not a host callback)."""
+    t0 = time.perf_counter()
+    if stream is None:
+        return jax.block_until_ready(exes[0](*args)), time.perf_counter() - t0
+    start, advance, finish = exes
+    base, heads, max_new, temperature, top_p = args[0], args[1], args[5], args[6], args[7]
+    state, view = start(*args)
+    sent = np.zeros(len(args[2]), np.int64)
+    while True:
+        state, queued = advance(base, heads, state, max_new, temperature, top_p)
+        tokens, num_new, over = np.asarray(view.tokens), np.asarray(view.num_new), bool(view.over)
+        if (num_new > sent).any():
+            stream([tokens[i, sent[i]:num_new[i]].tolist() for i in range(len(sent))])
+            sent = num_new
+        if over:  # then `queued` ran no step
+            break
+        view = queued
+    return jax.block_until_ready(finish(state.cache, state.replace(cache=None))), time.perf_counter() - t0
 
 
 def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -113,7 +158,8 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
       mode: "greedy", "typical", "sample", "ar" or None (greedy/sample with heads, ar without).
       tree: a tree spec (name, "chain:N", dense list, paths or TreeBuffers); None for the bundle's default.
       seed: PRNG seed (sampling).
-      stream: called after the prefill and each step with each sequence's newly emitted ids.
+      stream: called after the prefill and after each segment of decoding steps (`infer.plan.stream_steps()`:
+        every step on a CPU) that emitted tokens, with each sequence's newly emitted ids.
       stop_ids: ids ending a sequence; None for `default_stop_ids`, () to never stop early.
       cache_length: KV cache slots (default: enough for prompt + max_new_tokens + one tree); generation stops
         when the next tree would not fit.
@@ -126,8 +172,8 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
         them through the model (a chat's next turn then runs only its new tokens), and keep this call's for the
         next one (`infer.prefix_cache`). False neither reads nor records the kept prefix.
     """
-    plan = make_plan(params, prompt_ids, max_new_tokens, temperature, top_p, mode, tree, stream is not None,
-                     stop_ids, cache_length, typical_epsilon, typical_delta, prefill_chunk)
+    plan = make_plan(params, prompt_ids, max_new_tokens, temperature, top_p, mode, tree, stop_ids, cache_length,
+                     typical_epsilon, typical_delta, prefill_chunk)
     spec, prompts, max_new = plan.spec, plan.prompts, plan.max_new
     b = len(prompts)
     pool_key = (spec.config, b, spec.cache_len, str(params.dtype))
@@ -141,19 +187,8 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
     if cache is None:
         cache = model.init_cache(spec.config, b, spec.cache_len, params.dtype)
     args = plan.args(params, cache, max_new, seed, temperature, top_p, reused)
-    exe, compile_s = _executable(spec, args)
-
-    def on_chunk(chunk: np.ndarray, count: np.ndarray) -> None:
-        stream([chunk[i, :count[i]].tolist() for i in range(b)])
-
-    t0 = time.perf_counter()
-    if stream is not None:
-        with decode.stream_to(on_chunk):
-            out = exe(*args)
-            jax.block_until_ready(out)
-    else:
-        out = jax.block_until_ready(exe(*args))
-    wall = time.perf_counter() - t0
+    exes, compile_s = _prepare(spec, args, stream is not None)
+    out, wall = _run(exes, args, stream)
     _cache_pool[pool_key] = out.cache
 
     tokens_np = np.asarray(out.tokens)[:, :max_new]
@@ -182,14 +217,15 @@ def warm_up(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, temperatur
     `seed` and `prefix_cache` do not change the compiled generation and are accepted and ignored, so a benchmark
     passes one set of keyword arguments to both; its timed call then neither compiles nor runs cold."""
     del seed, prefix_cache
-    plan = make_plan(params, prompt_ids, max_new_tokens, temperature, top_p, mode, tree, stream is not None,
-                     stop_ids, cache_length, typical_epsilon, typical_delta, prefill_chunk)
+    plan = make_plan(params, prompt_ids, max_new_tokens, temperature, top_p, mode, tree, stop_ids, cache_length,
+                     typical_epsilon, typical_delta, prefill_chunk)
     cache = model.init_cache(plan.spec.config, len(plan.prompts), plan.spec.cache_len, params.dtype)
     args = plan.args(params, cache, min(2, plan.max_new), 0, temperature, top_p, 0)
-    exe, compile_s = _executable(plan.spec, args)
-    if compile_s:
-        with decode.stream_to(lambda chunk, count: None):
-            jax.block_until_ready(exe(*args))
+    before = compile_count()
+    exes, compile_s = _prepare(plan.spec, args, stream is not None)
+    if compile_count() == before:
+        return 0.0
+    _run(exes, args, None if stream is None else lambda new: None)
     return compile_s
 
 

@@ -18,19 +18,20 @@ no extra forward. Plain decoding is the same loop over the root-only tree (N = 1
 The cache is sized for the longest generation, but each forward's attention reads only the smallest window of it
 that holds the live slots (`model.window_sizes`), so early steps of a long generation stay cheap.
 
-Nothing leaves the device per step except, when streaming, each step's emitted tokens (an ordered
-`jax.debug.callback`).
+Nothing leaves the device per step. Streaming runs the same pieces as separate executables instead of one:
+`start_jit` (the prefill), then `advance_jit` (a few steps) again and again, each returning the state and a small
+`View` of the emitted tokens that the host reads while the next segment runs, then `finish_jit`. A host callback
+per step would do without the segments, but JAX never writes an executable holding one to its persistent
+compilation cache, so every new process would compile the streamed generation again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax import struct
 
 from infer import acceptance, sampling
 from infer.state import DecodeOutput, DecodeSpec, DecodeState
@@ -39,30 +40,11 @@ from medusa_jax import model
 Array = jax.Array
 
 _traces = 0  # times `generate` was traced, i.e. compiled; tests use it to check the compile cache
-_stream_target: list[Callable | None] = [None]
 
 
 def trace_count() -> int:
     """How many times the generation function has been traced (one per compiled shape/spec)."""
     return _traces
-
-
-@contextlib.contextmanager
-def stream_to(fn: Callable[[np.ndarray, np.ndarray], None]) -> Iterator[None]:
-    """While active, a generation compiled with `stream=True` calls fn(chunk int32 [B, D+1], count int32 [B])
-    once after the prefill and once per step; row b's new tokens are chunk[b, :count[b]]."""
-    previous, _stream_target[0] = _stream_target[0], fn
-    try:
-        yield
-    finally:
-        jax.effects_barrier()  # deliver every pending callback before the target goes away
-        _stream_target[0] = previous
-
-
-def _push(chunk, count) -> None:
-    fn = _stream_target[0]
-    if fn is not None:
-        fn(np.asarray(chunk), np.asarray(count))
 
 
 def _cache_index(start: Array) -> Array:
@@ -107,7 +89,7 @@ def _drafts(spec: DecodeSpec, base, heads, hidden: Array) -> Array:
 def _record(spec: DecodeSpec, st: DecodeState, chunk: Array, count: Array, max_new: Array):
     """Appends chunk[b, :count[b]] of each running sequence, cut after a stop token and at max_new.
 
-    Returns (tokens, num_new, emitted [B], finished [B]).
+    Returns (tokens, num_new [B], finished [B]).
     """
     active = ~st.done
     j = jnp.arange(chunk.shape[1])[None, :]
@@ -119,14 +101,11 @@ def _record(spec: DecodeSpec, st: DecodeState, chunk: Array, count: Array, max_n
     has_stop = jnp.any(is_stop, axis=-1)
     count = jnp.where(has_stop, jnp.argmax(is_stop, axis=-1) + 1, count)
     count = jnp.minimum(count, max_new - st.num_new)
-    emitted = jnp.where(active, count, 0)
     # Finished sequences write into the slack after the capacity, so the update needs no mask.
     at = jnp.where(active, st.num_new, spec.capacity)
     tokens = jax.vmap(lambda buf, c, i: jax.lax.dynamic_update_slice(buf, c, (i,)))(st.tokens, chunk, at)
-    num_new = st.num_new + emitted
+    num_new = st.num_new + jnp.where(active, count, 0)
     finished = active & (has_stop | (num_new >= max_new))
-    if spec.stream:
-        jax.debug.callback(_push, chunk, emitted, ordered=True)
     return tokens, num_new, finished
 
 
@@ -265,10 +244,33 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
         proposed=st.proposed.at[:, st.step].set(jnp.where(active, acc.proposed, -1)), rng=rng)
 
 
+def advance(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, temperature: Array, top_p: Array,
+            steps: int | None = None) -> DecodeState:
+    """Runs decoding steps until every sequence is done, the output capacity is reached, or (with `steps`)
+    `steps` more steps have run."""
+    until = spec.capacity if steps is None else jnp.minimum(st.step + steps, spec.capacity)
+    return jax.lax.while_loop(lambda st: (st.step < until) & ~jnp.all(st.done),
+                              lambda st: step(spec, base, heads, st, max_new, temperature, top_p), st)
+
+
+def finish(spec: DecodeSpec, st: DecodeState) -> DecodeOutput:
+    """The outputs of a generation whose loop has ended; moves the last step's accepted path into place."""
+    if spec.tree.max_depth > 0:  # the last step's accepted path, whose move is deferred to a next step: do it now
+        # Only after a step: a generation that stopped at its prefill has no path, and its identity path may then
+        # reach past the cache's end (a prompt that filled it).
+        cache = jax.lax.cond(st.step > 0, lambda c: _compact(c, st.path_slots[:, 0], st.path_slots), lambda c: c,
+                             st.cache)
+        st = st.replace(cache=cache)
+    valid = jnp.arange(spec.capacity)[None, :] < st.num_new[:, None]
+    return DecodeOutput(tokens=jnp.where(valid, st.tokens[:, :spec.capacity], -1), num_new=st.num_new,
+                        step=st.step, steps=st.steps, accepted=st.accepted,
+                        proposed=st.proposed, length=st.length, cache=st.cache)
+
+
 def generate(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cache: model.KVCache,
              max_new: Array, temperature: Array, top_p: Array, rng: Array, reused: Array | int = 0
              ) -> DecodeOutput:
-    """A whole generation on device.
+    """A whole generation on device: `prefill`, `advance` to the end, `finish`.
 
     Args:
       spec: static description (tree, rule, capacity C, cache length S, stop ids).
@@ -286,18 +288,45 @@ def generate(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, ca
     global _traces
     _traces += 1
     st = prefill(spec, base, heads, prompt, prompt_len, cache, max_new, temperature, top_p, rng, reused)
-    st = jax.lax.while_loop(lambda st: (st.step < spec.capacity) & ~jnp.all(st.done),
-                            lambda st: step(spec, base, heads, st, max_new, temperature, top_p), st)
-    if spec.tree.max_depth > 0:  # the last step's accepted path, whose move is deferred to a next step: do it now
-        # Only after a step: a generation that stopped at its prefill has no path, and its identity path may then
-        # reach past the cache's end (a prompt that filled it).
-        cache = jax.lax.cond(st.step > 0, lambda c: _compact(c, st.path_slots[:, 0], st.path_slots), lambda c: c,
-                             st.cache)
-        st = st.replace(cache=cache)
-    valid = jnp.arange(spec.capacity)[None, :] < st.num_new[:, None]
-    return DecodeOutput(tokens=jnp.where(valid, st.tokens[:, :spec.capacity], -1), num_new=st.num_new,
-                        step=st.step, steps=st.steps, accepted=st.accepted,
-                        proposed=st.proposed, length=st.length, cache=st.cache)
+    return finish(spec, advance(spec, base, heads, st, max_new, temperature, top_p))
+
+
+@struct.dataclass
+class View:
+    """What a streaming host reads after each segment (fresh buffers: the state itself is donated onward).
+
+    Attributes:
+      tokens: int32 [B, C + D + 1]; emitted tokens so far (`DecodeState.tokens`).
+      num_new: int32 [B]; tokens emitted so far.
+      over: bool []; every sequence is done or the capacity is reached: no later segment changes anything.
+    """
+
+    tokens: Array
+    num_new: Array
+    over: Array
+
+
+def _view(spec: DecodeSpec, st: DecodeState) -> View:
+    return View(tokens=st.tokens, num_new=st.num_new, over=jnp.all(st.done) | (st.step >= spec.capacity))
+
+
+def _start(spec: DecodeSpec, *args) -> tuple[DecodeState, View]:
+    global _traces
+    _traces += 1
+    st = prefill(spec, *args)
+    return st, _view(spec, st)
+
+
+def _advance(spec: DecodeSpec, steps: int, base, heads, st: DecodeState, max_new: Array, temperature: Array,
+             top_p: Array) -> tuple[DecodeState, View]:
+    st = advance(spec, base, heads, st, max_new, temperature, top_p, steps)
+    return st, _view(spec, st)
 
 
 generate_jit = jax.jit(generate, static_argnums=0, donate_argnums=5)
+# Streaming: start_jit(spec, *generate's arguments) -> (state, view); advance_jit(spec, steps, base, heads, state,
+# max_new, temperature, top_p) -> (state, view) runs `steps` more steps; finish_jit (below) -> DecodeOutput.
+start_jit = jax.jit(_start, static_argnums=0, donate_argnums=5)
+advance_jit = jax.jit(_advance, static_argnums=(0, 1), donate_argnums=4)
+finish_jit = jax.jit(lambda spec, cache, st: finish(spec, st.replace(cache=cache)), static_argnums=0,
+                     donate_argnums=1)  # finish_jit(spec, state.cache, state.replace(cache=None)): the cache donated

@@ -37,6 +37,14 @@ def default_prefill_chunk() -> int:
     return 128 if jax.default_backend() == "cpu" else 512
 
 
+def stream_steps() -> int:
+    """Decoding steps per streamed segment (`infer.decode.advance_jit`) on the default JAX backend: 1 on a CPU,
+    where a step takes tens of milliseconds and each token shows as it comes; 4 on accelerators, where a step
+    takes a few and a host round trip per step would be a visible share of it (the host reads a segment's
+    tokens while the next one runs, so the round trip itself is hidden)."""
+    return 1 if jax.default_backend() == "cpu" else 4
+
+
 def bucket(n: int) -> int:
     """The bucket of a prompt length or token budget (module docstring)."""
     if n <= 1024:
@@ -145,7 +153,7 @@ class Plan:
 
 
 def make_plan(params: Bundle, prompt_ids, max_new_tokens: int, temperature: float, top_p: float,
-              mode: str | None, tree: Any, stream: bool, stop_ids: Sequence[int] | None, cache_length: int | None,
+              mode: str | None, tree: Any, stop_ids: Sequence[int] | None, cache_length: int | None,
               typical_epsilon: float, typical_delta: float, prefill_chunk: int | None) -> Plan:
     """Checks the arguments of `generate_ids` (one-line `MedusaError`s) and buckets them into a `DecodeSpec`."""
     if not isinstance(params, Bundle):
@@ -190,7 +198,7 @@ def make_plan(params: Bundle, prompt_ids, max_new_tokens: int, temperature: floa
         config=cfg, heads_config=params.heads_config if tree_buf.max_depth else None, tree=tree_buf, rule=rule,
         use_top_p=top_p < 1, capacity=capacity, cache_len=int(cache_length),
         stop_ids=tuple(int(i) for i in (default_stop_ids(params) if stop_ids is None else stop_ids)),
-        stream=stream, epsilon=float(typical_epsilon), delta=float(typical_delta),
+        epsilon=float(typical_epsilon), delta=float(typical_delta),
         prefill_chunk=int(prefill_chunk))
     padded = np.zeros((len(prompts), tb), np.int32)
     for i, p in enumerate(prompts):

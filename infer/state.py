@@ -34,7 +34,6 @@ class DecodeSpec:
       capacity: C, the output buffer length (max new tokens rounded up to a bucket).
       cache_len: S, KV cache slots.
       stop_ids: token ids that end a sequence (emitted, then the sequence stops).
-      stream: push each step's tokens to the host (`decode.stream_to`).
       epsilon, delta: typical acceptance parameters.
       live_window: decoding steps and prefill chunks attend over the live window of the cache only
         (`model.window_sizes`, one `lax.switch` per layer); False makes steps read every slot and chunks the
@@ -53,7 +52,6 @@ class DecodeSpec:
     capacity: int
     cache_len: int
     stop_ids: tuple[int, ...]
-    stream: bool = False
     epsilon: float = 0.09
     delta: float = 0.3
     live_window: bool = True

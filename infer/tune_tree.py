@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, out)
-        print(f"\n| nodes | step ms | expected tokens/step | predicted tokens/s |\n|---|---|---|---|")
+        print("\n| nodes | step ms | expected tokens/step | predicted tokens/s |\n|---|---|---|---|")
         for r in record["curve"]:
             if r["measured"]:
                 print(f"| {r['nodes'] + 1} | {r['step_ms']:.1f} | {r['expected_tokens_per_step']:.2f} | "

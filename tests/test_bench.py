@@ -395,3 +395,19 @@ def test_compile_time_script_times_lowering_and_compilation():
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 20 |")]
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [("ar", "1"), ("greedy", "9")]
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+
+
+def test_first_answer_script_reports_a_streamed_answer():
+    """bench/first_answer.py on the tiny model, one fresh process (the cache's effect is tests/test_compile_cache.py's)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "bench" / "first_answer.py"), "--model", "tiny", "--processes",
+                          "1", "--max-new-tokens", "4"], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1 and 1 <= int(rows[0][4]) <= 4
+    load, first, whole = (float(v) for v in rows[0][1:4])
+    assert load > 0 and 0 < first <= whole

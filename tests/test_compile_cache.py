@@ -1,4 +1,5 @@
-"""The persistent compilation cache: a second process loads the generation executable the first one compiled."""
+"""The persistent compilation cache: a second process loads the generation executables the first one compiled,
+streamed generations included."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ events = []
 jax.monitoring.register_event_listener(lambda event, **kw: events.append(event))
 import medusa_jax
 from infer import generate_ids
-g = generate_ids(medusa_jax.load("tiny"), [[5, 6, 7]], max_new_tokens=4, mode="ar", stop_ids=())
+tiny = medusa_jax.load("tiny")
+g = generate_ids(tiny, [[5, 6, 7]], max_new_tokens=4, mode="ar", stop_ids=())
+seen = []
+s = generate_ids(tiny, [[5, 6, 7]], max_new_tokens=4, mode="ar", stop_ids=(), prefix_cache=False,
+                 stream=lambda new: seen.append(new[0]))
 print(json.dumps({"hits": events.count("/jax/compilation_cache/cache_hits"), "tokens": g.tokens,
-                  "dir": jax.config.jax_compilation_cache_dir}))
+                  "streamed": [s.tokens[0], sum(seen, [])], "dir": jax.config.jax_compilation_cache_dir}))
 """
 
 
@@ -37,11 +42,15 @@ def test_second_process_loads_the_compiled_generation(tmp_path):
     cache = tmp_path / "xla"
     first = _run(MEDUSA_JAX_COMPILE_CACHE=str(cache))
     assert first["dir"] == str(cache) and first["hits"] == 0
-    assert any(p.name.startswith("jit_generate") for p in cache.iterdir())
+    names = [p.name for p in cache.iterdir()]
+    # The plain generation, and the streamed one's prefill and segment executables (`infer.decode`).
+    assert all(any(n.startswith(f"jit_{kind}") for n in names) for kind in ("generate", "_start", "_advance"))
+    assert first["streamed"][0] == first["streamed"][1] == first["tokens"][0]
     second = _run(MEDUSA_JAX_COMPILE_CACHE=str(cache))
     if second["hits"] == 0 and "doesn't match the machine type" in second["stderr"]:
         pytest.skip("this CPU hits jax-ml/jax#38445: XLA rejects its own cached executables on reload")
-    assert second["hits"] >= 1 and second["tokens"] == first["tokens"]
+    assert second["hits"] >= 4 and second["tokens"] == first["tokens"]  # generate; start, advance, finish
+    assert second["streamed"] == first["streamed"]
 
 
 def test_off_leaves_the_cache_alone(tmp_path):

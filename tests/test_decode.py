@@ -17,6 +17,7 @@ from infer import generate_ids
 from medusa_jax import model
 from medusa_jax.bundle import forward_logits
 from medusa_jax.errors import MedusaError
+from infer.plan import stream_steps
 from infer.testing import oracle_bundle, random_bundle
 
 TREES = ["chain:3", [1, 3, 2], "mc_sim_7b_63", "ar"]
@@ -55,6 +56,25 @@ def test_plain_greedy_matches_a_cache_free_forward(which):
         toks = reference(which, tuple(prompt))
         logits = np.asarray(forward_logits(bundle, [prompt + toks]))[0]  # [T, V]
         assert np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist() == toks
+
+
+def test_streamed_batch_equals_the_whole_generation():
+    """Streaming runs the prefill and then segments of steps as separate executables (`infer.decode.start_jit`,
+    `advance_jit`, `finish_jit`): each row's pieces, in order, are its tokens; tokens, steps and acceptance equal
+    the one-executable run's, with multi-token steps, a row that stops early (stop token) and one that runs on."""
+    prompts = [PROMPTS[7], PROMPTS[20]]
+    ref = reference("oracle", tuple(prompts[0]))
+    kw = dict(max_new_tokens=MAX_NEW, mode="greedy", tree="chain:3", stop_ids=(ref[9],))
+    pieces: list[list[list[int]]] = []
+    streamed = generate_ids(oracle(), prompts, stream=pieces.append, **kw)
+    whole = generate_ids(oracle(), prompts, **kw)
+    assert streamed.tokens == whole.tokens and streamed.finish == whole.finish == ["stop", "length"]
+    assert [sum((p[i] for p in pieces), []) for i in range(2)] == whole.tokens
+    assert streamed.steps == whole.steps and (streamed.accepted == whole.accepted).all()
+    assert (whole.accepted > 0).sum() >= 3  # multi-token steps were streamed
+    # The prefill's token, then one piece per segment that emitted something (one step per segment on a CPU).
+    assert len(pieces) == whole.steps + 1 if stream_steps() == 1 else len(pieces) <= whole.steps // stream_steps() + 2
+    assert max(len(p[1]) for p in pieces) > 1 and all(any(p) for p in pieces)
 
 
 @pytest.mark.parametrize("tree", TREES, ids=str)
