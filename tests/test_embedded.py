@@ -72,11 +72,14 @@ def test_loaded_once_per_process(embedded):
 def test_cached_tokenizer_equals_gguf_tokenizer(embedded):
     """The on-disk tokenizer cache reproduces the tokenizer transformers builds from the GGUF metadata."""
     fresh = gguf_file.load_tokenizer(Path(embedded.source))
-    cached = embedded.tokenizer
+    cached = embedded_lib.load_tokenizer(Path(embedded.source))  # from the disk cache, which the load wrote
+    assert type(cached).__name__ == type(fresh).__name__
     text = fresh.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     assert cached.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False) == text
     sample = text + " naïve café 東京 ```def f(x):\n    return x**2``` <|im_end|>"
     assert cached(sample)["input_ids"] == fresh(sample)["input_ids"]
+    ids = list(range(0, len(fresh), 5))
+    assert cached.decode(ids) == fresh.decode(ids)
     assert (cached.bos_token_id, cached.eos_token_id, cached.pad_token_id, len(cached)) == (
         fresh.bos_token_id, fresh.eos_token_id, fresh.pad_token_id, len(fresh))
 

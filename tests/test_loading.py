@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import zipfile
@@ -15,7 +16,7 @@ from gguf.quants import dequantize, quantize
 
 import medusa_jax
 from medusa_jax import LlamaConfig, MedusaError
-from medusa_jax.loading import embedded, names
+from medusa_jax.loading import embedded, gguf_file, names
 
 GT = gguf.GGMLQuantizationType
 # K-quants have no quantizer in gguf-py: their blocks are written as random bytes with sane float16 scales here.
@@ -161,6 +162,31 @@ def test_gguf_quantized_types(tmp_path, kind):
         want = dequantize(quantize(w, kind), kind) if w.ndim == 2 else w  # row-wise: commutes with the permutation
         np.testing.assert_array_equal(param(bundle, name), want, err_msg=name)
         assert np.abs(want - w).max() <= 0.1 * np.abs(w).max()  # and it is a quantization of w
+
+
+def test_gguf_index_cache(tmp_path, monkeypatch):
+    """A second read of a GGUF file takes its metadata from the index cache (no GGUFReader) and gives identical
+    arrays and config; a changed file or a damaged index is read from the file again."""
+    monkeypatch.setenv("MEDUSA_JAX_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "q.gguf", SMALL, random_hf(SMALL), qtype=GT.Q4_1)
+    first = gguf_file.read(path)
+    assert len(list((tmp_path / "cache" / "gguf-index").glob("*.json"))) == 1
+    opened = []
+    real_reader = gguf_file._reader
+    monkeypatch.setattr(gguf_file, "_reader", lambda p: opened.append(p) or real_reader(p))
+    second = gguf_file.read(path)
+    assert opened == [] and second[0] == first[0] and second[2] == first[2]
+    jax.tree.map(np.testing.assert_array_equal, second[1], first[1])
+
+    write_gguf(path, SMALL, random_hf(SMALL, seed=1), qtype=GT.Q4_1)  # same size, new contents and mtime
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))
+    changed = gguf_file.read(path)
+    assert opened == [path]
+    assert not np.array_equal(changed[1]["embed"]["embedding"], first[1]["embed"]["embedding"])
+    for index in (tmp_path / "cache" / "gguf-index").glob("*.json"):
+        index.write_text("{not json")
+    np.testing.assert_array_equal(gguf_file.read(path)[1]["embed"]["embedding"], changed[1]["embed"]["embedding"])
+    assert opened == [path, path]
 
 
 @pytest.mark.parametrize("kind", list(F16_FIELDS))

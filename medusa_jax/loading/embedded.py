@@ -97,9 +97,11 @@ def load_tokenizer(path: Path):
     """The embedded model's tokenizer, built from the GGUF metadata once and then cached on disk.
 
     transformers rebuilds a GGUF tokenizer's BPE in Python (seconds); the saved `tokenizer.json` reloads in about
-    one second. A cache that cannot be written (read-only home) only costs time.
+    one second. A cache that cannot be written (read-only home) only costs time. The saved tokenizer is reloaded
+    with the class transformers saved it as (`PreTrainedTokenizerFast`, i.e. `TokenizersBackend`), not through
+    `AutoTokenizer`, whose import also imports torch when it is installed (about 2 s).
     """
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     from medusa_jax.loading import gguf_file
 
@@ -107,7 +109,7 @@ def load_tokenizer(path: Path):
     cached = cache_dir() / f"tokenizer-{path.stem}-{stat.st_size}"
     if (cached / "tokenizer.json").is_file():
         try:
-            return AutoTokenizer.from_pretrained(str(cached), trust_remote_code=False)
+            return PreTrainedTokenizerFast.from_pretrained(str(cached))
         except Exception:  # noqa: BLE001 - a damaged cache is rebuilt below
             shutil.rmtree(cached, ignore_errors=True)
     tokenizer = gguf_file.load_tokenizer(path)

@@ -6,12 +6,23 @@ Layout facts this reader relies on (checked per tensor below, and end to end by 
     is exactly the Hugging Face [out, in] layout.
   * llama.cpp's converter permutes the rows of the Q and K projections per head (from HF's "rotate half" RoPE
     layout to interleaved pairs); `_unpermute` undoes it so that `model.rope` (rotate half) applies.
+
+Index cache: `GGUFReader` parses every metadata field when it opens a file, the tokenizer's ~100k strings
+included (about 4 s for the embedded model, most of its load). After a first successful read, the config and
+each tensor's type, shape and byte range are written to a small JSON index in the cache directory, keyed by the
+file's path, size and modification time and the gguf version; later reads of the same file memory-map the tensors
+from that index and dequantize them with the same `gguf.quants.dequantize`, so the arrays are identical.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -124,20 +135,86 @@ def _dequantize(tensor, path: Path) -> np.ndarray:
     return array
 
 
+class _Tensor(NamedTuple):
+    """What `_dequantize` reads of a tensor: a `GGUFReader` tensor, or one rebuilt from the index cache."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # ggml `ne`
+    n_bytes: int
+    data: np.ndarray  # memory-mapped, in the reader's layout
+
+
+INDEX_VERSION = 1
+INDEX_KEEP = 32  # index files kept (newest first); each is a few kB
+
+
+def _index_path(path: Path) -> Path:
+    from importlib.metadata import version
+
+    from medusa_jax.loading.embedded import cache_dir
+
+    stat = path.stat()
+    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|gguf {version('gguf')}|{INDEX_VERSION}"
+    return cache_dir() / "gguf-index" / f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+
+
+def _read_index(path: Path) -> tuple[LlamaConfig, list[_Tensor], bool] | None:
+    """The cached index of `path`, or None (none, unreadable, or the file no longer matches it)."""
+    try:
+        import gguf
+
+        index = json.loads(_index_path(path).read_text())
+        config = LlamaConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in index["config"].items()})
+        tensors = [_Tensor(t["name"], gguf.GGMLQuantizationType(t["type"]), tuple(t["shape"]), t["n_bytes"],
+                           np.memmap(path, dtype=np.dtype(t["dtype"]), mode="r", offset=t["offset"],
+                                     shape=tuple(t["data_shape"])))
+                   for t in index["tensors"]]
+        return config, tensors, bool(index["has_tokenizer"])
+    except (OSError, ValueError, KeyError, TypeError):  # no index yet, or a damaged one: read the file itself
+        return None
+
+
+def _write_index(path: Path, config: LlamaConfig, tensors: list, has_tokenizer: bool) -> None:
+    """Saves the index of a file just read successfully; a cache that cannot be written only costs time."""
+    index = {"config": dataclasses.asdict(config), "has_tokenizer": has_tokenizer,
+             "tensors": [{"name": t.name, "type": int(t.tensor_type), "shape": [int(n) for n in t.shape],
+                          "n_bytes": int(t.n_bytes), "offset": int(t.data_offset), "dtype": t.data.dtype.str,
+                          "data_shape": list(t.data.shape)} for t in tensors]}
+    try:
+        target = _index_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+        with os.fdopen(fd, "w") as f:
+            json.dump(index, f)
+        os.replace(tmp, target)
+        for old in sorted(target.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[INDEX_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def read(path: Path, convert: Callable[[np.ndarray], Any] = lambda array: array) -> tuple[LlamaConfig, dict, bool]:
     """(config, base params, whether the file carries a tokenizer) of a llama GGUF file.
 
-    Tensors are dequantized to float32 one at a time and passed through `convert` (default: kept as numpy).
+    Tensors are dequantized to float32 one at a time and passed through `convert` (default: kept as numpy). The
+    metadata comes from the index cache when it holds this file (module docstring), else from `GGUFReader`.
     """
-    reader = _reader(path)
+    cached = _read_index(path) if path.is_file() else None
+    if cached is not None:
+        config, tensors, has_tokenizer = cached
+    else:
+        reader = _reader(path)
+        tensors = list(reader.tensors)
+        config = read_config(reader, path, {t.name for t in tensors})
+        has_tokenizer = "tokenizer.ggml.tokens" in reader.fields
     by_hf_name, gguf_names = {}, {}
-    for tensor in reader.tensors:
+    for tensor in tensors:
         hf_name = names.gguf_to_hf_name(tensor.name)
         if hf_name is None:
             hf_name = tensor.name  # reported as unexpected by hf_to_params (after the architecture check)
         by_hf_name[hf_name] = tensor
         gguf_names[hf_name] = tensor.name
-    config = read_config(reader, path, {t.name for t in reader.tensors})
 
     def load(hf_name):
         tensor = by_hf_name[hf_name]
@@ -151,7 +228,9 @@ def read(path: Path, convert: Callable[[np.ndarray], Any] = lambda array: array)
     lazy = {n: (lambda n=n: load(n)) for n in by_hf_name}
     params = names.hf_to_params(config, lazy, str(path),
                                 display=lambda n: gguf_names.get(n) or names.hf_to_gguf_name(n), convert=convert)
-    return config, params, "tokenizer.ggml.tokens" in reader.fields
+    if cached is None:
+        _write_index(path, config, tensors, has_tokenizer)
+    return config, params, has_tokenizer
 
 
 def load_tokenizer(path: Path):
