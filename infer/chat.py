@@ -1,7 +1,8 @@
 """Terminal chat with a Medusa model: `python -m infer.chat [--model PATH] [--heads PATH] ...`.
 
 Interactive: type a message, the answer streams as it is accepted, then a line of stats (tokens/s and mean
-tokens per decoding step). `/reset` starts a new conversation, `/exit` (or Ctrl-D) quits.
+tokens per decoding step). Ctrl-C during an answer stops it (what was shown stays in the conversation); `/reset`
+starts a new conversation, `/exit` (or Ctrl-D, or Ctrl-C at the prompt) quits.
 Scripted: `--prompt TEXT` answers once, prints the stats line to stderr, and exits.
 """
 
@@ -49,8 +50,12 @@ def _stats_line(stats: dict) -> str:
             f"{stats['mean_accepted']:.2f} tokens/step over {stats['steps']} steps]")
 
 
-def _answer(params, messages, args, seed: int) -> tuple[str, dict]:
+def _answer(params, messages, args, seed: int, shown: list[str] | None = None) -> tuple[str, dict]:
+    """Streams the answer to stdout (and into `shown`, so that an interrupted answer's text is known)."""
+    shown = [] if shown is None else shown
+
     def show(piece: str) -> None:
+        shown.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
 
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        print(f"medusa-jax chat: {params.source or 'model'}; /reset clears the conversation, /exit quits.")
+        print(f"medusa-jax chat: {params.source or 'model'}; /reset clears the conversation, Ctrl-C stops an "
+              "answer, /exit quits.")
         messages: list[dict] = []
         turn = 0
         while True:
@@ -94,11 +100,20 @@ def main(argv: list[str] | None = None) -> None:
             if not line:
                 continue
             messages.append({"role": "user", "content": line})
+            shown: list[str] = []
             try:
-                text, stats = _answer(params, messages, args, args.seed + turn)
+                text, stats = _answer(params, messages, args, args.seed + turn, shown)
             except MedusaError as e:  # e.g. the conversation outgrew the context: report it and keep chatting
                 messages.pop()
                 print(f"error: {e}", file=sys.stderr)
+                continue
+            except KeyboardInterrupt:  # stops this answer (streaming returns to Python after every segment)
+                print(" [stopped]")
+                if shown:
+                    messages.append({"role": "assistant", "content": "".join(shown)})
+                    turn += 1
+                else:
+                    messages.pop()
                 continue
             messages.append({"role": "assistant", "content": text})
             turn += 1

@@ -398,7 +398,7 @@ def test_compile_time_script_times_lowering_and_compilation():
 
 
 def test_first_answer_script_reports_a_streamed_answer():
-    """bench/first_answer.py on the tiny model, one fresh process (the cache's effect is tests/test_compile_cache.py's)."""
+    """bench/first_answer.py on the tiny model, one fresh process (the cache's effect: tests/test_compile_cache.py)."""
     import subprocess
     import sys
     from pathlib import Path

@@ -152,3 +152,39 @@ def test_kv_cache_is_donated_and_reused():
     # Exactly the same-shape cache went into the second call, donated (its buffers now belong to the output).
     assert sum(c[0][0].is_deleted() for c in kept.values()) == 1
     assert api._cache_pool.keys() == kept.keys()
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_the_conversation(monkeypatch, capsys):
+    """Ctrl-C while an answer streams ends that answer only: the shown part joins the conversation and the next
+    message is answered; Ctrl-C before anything was shown drops the turn."""
+    import medusa_jax
+    from infer import chat
+
+    calls: list[list[dict]] = []
+
+    def fake_generate(params, messages, stream=None, **kw):
+        calls.append([dict(m) for m in messages])
+        if len(calls) in (1, 2):
+            if len(calls) == 1:
+                stream("Hel")
+                stream("lo")
+            raise KeyboardInterrupt
+        stream("fine")
+        return "fine", {"new_tokens": 1, "wall_s": 1.0, "tokens_per_s": 1.0, "mean_accepted": 1.0, "steps": 0}
+
+    lines = iter(["hi", "what?", "again"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(medusa_jax, "load", lambda *a, **k: bundle())
+    monkeypatch.setattr(chat, "generate", fake_generate)
+    monkeypatch.setattr("builtins.input", fake_input)
+    chat.main([])
+    out = capsys.readouterr().out
+    assert "Hello [stopped]" in out and out.count("[stopped]") == 2 and "fine" in out
+    assert calls[2] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"},
+                        {"role": "user", "content": "again"}]
