@@ -26,9 +26,9 @@ def _oracle():
     return oracle_bundle(mix=0.15, seed=2)[0]
 
 
-def _gen(bundle, prompt, mode, reuse, max_new=24):
+def _gen(bundle, prompt, mode, reuse, max_new=24, stream=None):
     return api.generate_ids(bundle, [prompt], max_new_tokens=max_new, mode=mode, stop_ids=(), prefill_chunk=CHUNK,
-                            prefix_cache=reuse)
+                            prefix_cache=reuse, stream=stream)
 
 
 def _assert_reused_all(reused, prompt, answer, mode):
@@ -54,7 +54,12 @@ def test_next_turn_reuses_the_conversation_and_decodes_as_a_whole_prefill(which,
     if which == "oracle":
         assert (g1.accepted[0] >= 2).any()  # multi-token steps, so the compaction is exercised
     p2 = p1 + g1.tokens[0] + _prompt(bundle, 9, seed=2)
-    g2 = _gen(bundle, p2, mode, True)
+    # The oracle's turn 2 streams, as a chat's turns do: its cache comes out of `decode.finish_jit`, and turn 3
+    # below reuses it.
+    pieces: list[list[list[int]]] = []
+    g2 = _gen(bundle, p2, mode, True, stream=pieces.append if which == "oracle" else None)
+    if which == "oracle":
+        assert sum((p[0] for p in pieces), []) == g2.tokens[0] and (g2.accepted[0] >= 2).any()
     _assert_reused_all(g2.reused, p1, g1.tokens[0], mode)
     fresh = _gen(bundle, p2, mode, False)
     assert fresh.reused == 0
@@ -177,6 +182,6 @@ def test_sampling_modes_reuse_and_draw_the_same_tokens(mode):
     p1 = _prompt(bundle, 30, seed=21)
     g1 = api.generate_ids(bundle, [p1], prefix_cache=True, **kw)
     p2 = p1 + g1.tokens[0] + _prompt(bundle, 4, seed=22)
-    g2 = api.generate_ids(bundle, [p2], prefix_cache=True, **kw)
+    g2 = api.generate_ids(bundle, [p2], prefix_cache=True, stream=lambda new: None, **kw)  # streamed: same draws
     assert g2.reused >= len(p1) + len(g1.tokens[0]) - 1
     assert g2.tokens == api.generate_ids(bundle, [p2], prefix_cache=False, **kw).tokens
