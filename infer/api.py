@@ -123,8 +123,9 @@ def _prepare(spec: DecodeSpec, args: tuple, streaming: bool) -> tuple[tuple, flo
 def _run(exes: tuple, args: tuple, stream: Callable[[list[list[int]]], None] | None) -> tuple[Any, float]:
     """Runs one generation with `_prepare`'s executables; returns (DecodeOutput, seconds).
 
-    Streaming dispatches each segment before reading the previous one's tokens, so the device never waits for
-    the host (`infer.decode`'s docstring says why segments and not a host callback)."""
+    Streaming dispatches each segment before reading the previous one's tokens, so the device runs the next
+    segment while the host turns tokens into text (one segment ahead: a host slower than a segment stalls it;
+    `infer.decode`'s docstring says why segments and not a host callback)."""
     t0 = time.perf_counter()
     if stream is None:
         return jax.block_until_ready(exes[0](*args)), time.perf_counter() - t0

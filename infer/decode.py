@@ -1,4 +1,5 @@
-"""One jitted function runs a whole generation: a prefill, then tree-verification steps in `lax.while_loop`.
+"""One jitted function runs a whole generation (a prefill, then tree-verification steps in `lax.while_loop`), or,
+streaming, a few: the prefill, segments of steps, the output.
 
 Shape legend: B batch, Tb bucketed prompt length, S cache slots, N tree nodes, D tree depth, P tree paths,
 V vocabulary, H hidden size, Kd heads used by the tree, k top-k per head, C output capacity.
@@ -39,11 +40,11 @@ from medusa_jax import model
 
 Array = jax.Array
 
-_traces = 0  # times `generate` was traced, i.e. compiled; tests use it to check the compile cache
+_traces = 0  # times a generation (`generate`, or a streamed one's `_start`) was traced; tests check the caches
 
 
 def trace_count() -> int:
-    """How many times the generation function has been traced (one per compiled shape/spec)."""
+    """How many generations have been traced (one per compiled shape/spec; none for a stored executable)."""
     return _traces
 
 

@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download models
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -25,6 +26,13 @@ from medusa_jax import compile_cache, model  # noqa: E402
 
 compile_cache.enable()  # before any test compiles: JAX decides at its first compilation whether it uses the cache
 from medusa_jax.config import HeadsConfig  # noqa: E402
+from medusa_jax.loading import gguf_file  # noqa: E402
+
+# GGUF indexes of the files tests write go to a folder of this process, not the user's cache (where they would
+# push out the index of the model the user runs).
+_GGUF_INDEX = tempfile.mkdtemp(prefix="medusa-jax-gguf-index-")
+atexit.register(shutil.rmtree, _GGUF_INDEX, ignore_errors=True)
+gguf_file.index_dir = lambda: Path(_GGUF_INDEX)
 
 
 @pytest.fixture(scope="session")

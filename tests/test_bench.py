@@ -405,7 +405,8 @@ def test_first_answer_script_reports_a_streamed_answer():
 
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(repo / "bench" / "first_answer.py"), "--model", "tiny", "--processes",
-                          "1", "--max-new-tokens", "4"], cwd=repo, capture_output=True, text=True, timeout=600)
+                          "1", "--max-new-tokens", "4", "--cold"], cwd=repo, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 1 |")]
     assert len(rows) == 1 and 1 <= int(rows[0][4]) <= 4

@@ -188,3 +188,25 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_conversation(monkeypatch, ca
     assert "Hello [stopped]" in out and out.count("[stopped]") == 2 and "fine" in out
     assert calls[2] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"},
                         {"role": "user", "content": "again"}]
+
+
+def test_an_interrupted_stream_leaves_later_calls_exact():
+    """Ctrl-C (KeyboardInterrupt from the stream's sink) while segments run: the exception reaches the caller,
+    and later calls, streamed or not, give what they give in a fresh process."""
+    kw = dict(max_new_tokens=12, mode="greedy", tree="chain:2", stop_ids=())
+    want = generate_ids(bundle(), [[5, 6, 7]], **kw).tokens
+
+    for stop_at in (1, 2):
+        seen: list = []
+
+        def sink(new):
+            seen.append(new)
+            if len(seen) == stop_at:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            generate_ids(bundle(), [[5, 6, 7]], stream=sink, **kw)
+        assert generate_ids(bundle(), [[5, 6, 7]], **kw).tokens == want
+        pieces: list = []
+        assert generate_ids(bundle(), [[5, 6, 7]], stream=pieces.append, **kw).tokens == want
+        assert [sum((p[0] for p in pieces), [])] == want

@@ -167,10 +167,11 @@ def test_gguf_quantized_types(tmp_path, kind):
 def test_gguf_index_cache(tmp_path, monkeypatch):
     """A second read of a GGUF file takes its metadata from the index cache (no GGUFReader) and gives identical
     arrays and config; a changed file or a damaged index is read from the file again."""
-    monkeypatch.setenv("MEDUSA_JAX_CACHE", str(tmp_path / "cache"))
+    index = tmp_path / "index"
+    monkeypatch.setattr(gguf_file, "index_dir", lambda: index)
     path = write_gguf(tmp_path / "q.gguf", SMALL, random_hf(SMALL), qtype=GT.Q4_1)
     first = gguf_file.read(path)
-    assert len(list((tmp_path / "cache" / "gguf-index").glob("*.json"))) == 1
+    assert len(list(index.glob("*.json"))) == 1
     opened = []
     real_reader = gguf_file._reader
     monkeypatch.setattr(gguf_file, "_reader", lambda p: opened.append(p) or real_reader(p))
@@ -183,10 +184,33 @@ def test_gguf_index_cache(tmp_path, monkeypatch):
     changed = gguf_file.read(path)
     assert opened == [path]
     assert not np.array_equal(changed[1]["embed"]["embedding"], first[1]["embed"]["embedding"])
-    for index in (tmp_path / "cache" / "gguf-index").glob("*.json"):
-        index.write_text("{not json")
+    for entry in index.glob("*.json"):
+        entry.write_text("{not json")
     np.testing.assert_array_equal(gguf_file.read(path)[1]["embed"]["embedding"], changed[1]["embed"]["embedding"])
     assert opened == [path, path]
+
+
+def test_gguf_index_of_a_file_replaced_while_read_is_not_written(tmp_path, monkeypatch):
+    """A file swapped for another after the reader opened it: the read is not indexed under the new file's key,
+    so the next read parses the new file."""
+    index = tmp_path / "index"
+    monkeypatch.setattr(gguf_file, "index_dir", lambda: index)
+    path = write_gguf(tmp_path / "m.gguf", SMALL, random_hf(SMALL), qtype=GT.Q4_1)
+    other = write_gguf(tmp_path / "other.gguf", SMALL, random_hf(SMALL, seed=7), qtype=GT.Q8_0)
+    real_reader = gguf_file._reader
+
+    def reader_then_swap(p):
+        opened = real_reader(p)
+        os.replace(other, path)
+        return opened
+
+    monkeypatch.setattr(gguf_file, "_reader", reader_then_swap)
+    gguf_file.read(path)
+    assert not list(index.glob("*.json"))
+    monkeypatch.setattr(gguf_file, "_reader", real_reader)
+    want = write_gguf(tmp_path / "again.gguf", SMALL, random_hf(SMALL, seed=7), qtype=GT.Q8_0)
+    np.testing.assert_array_equal(gguf_file.read(path)[1]["embed"]["embedding"],
+                                  gguf_file.read(want)[1]["embed"]["embedding"])
 
 
 @pytest.mark.parametrize("kind", list(F16_FIELDS))

@@ -96,8 +96,8 @@ def gguf_path() -> Path:
 def load_tokenizer(path: Path):
     """The embedded model's tokenizer, built from the GGUF metadata once and then cached on disk.
 
-    transformers rebuilds a GGUF tokenizer's BPE in Python (seconds); the saved `tokenizer.json` reloads in about
-    one second. A cache that cannot be written (read-only home) only costs time. The saved tokenizer is reloaded
+    transformers rebuilds a GGUF tokenizer's BPE in Python (seconds); the saved `tokenizer.json` reloads in well
+    under a second. A cache that cannot be written (read-only home) only costs time. The saved tokenizer is reloaded
     with the class transformers saved it as (`PreTrainedTokenizerFast`, i.e. `TokenizersBackend`), not through
     `AutoTokenizer`, whose import also imports torch when it is installed (about 2 s).
     """

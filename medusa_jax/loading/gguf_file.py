@@ -9,17 +9,20 @@ Layout facts this reader relies on (checked per tensor below, and end to end by 
 
 Index cache: `GGUFReader` parses every metadata field when it opens a file, the tokenizer's ~100k strings
 included (about 4 s for the embedded model, most of its load). After a first successful read, the config and
-each tensor's type, shape and byte range are written to a small JSON index in the cache directory, keyed by the
-file's path, size and modification time and the gguf version; later reads of the same file memory-map the tensors
-from that index and dequantize them with the same `gguf.quants.dequantize`, so the arrays are identical.
+each tensor's type, shape and byte range are written to a small JSON index (`index_dir`), keyed by the file's
+path, inode, size and modification time, the gguf version and this code; later reads of the same file
+memory-map the tensors from that index and dequantize them with the same `gguf.quants.dequantize`, so the
+arrays are identical.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -146,52 +149,80 @@ class _Tensor(NamedTuple):
 
 
 INDEX_VERSION = 1
-INDEX_KEEP = 32  # index files kept (newest first); each is a few kB
+INDEX_KEEP = 32  # index files kept, least recently used first out; each is 1-50 kB
 
 
-def _index_path(path: Path) -> Path:
-    from importlib.metadata import version
-
+def index_dir() -> Path:
+    """Where GGUF indexes are kept: `gguf-index` in `embedded.cache_dir()` ($MEDUSA_JAX_CACHE or
+    ~/.cache/medusa-jax)."""
     from medusa_jax.loading.embedded import cache_dir
 
-    stat = path.stat()
-    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|gguf {version('gguf')}|{INDEX_VERSION}"
-    return cache_dir() / "gguf-index" / f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+    return cache_dir() / "gguf-index"
 
 
-def _read_index(path: Path) -> tuple[LlamaConfig, list[_Tensor], bool] | None:
-    """The cached index of `path`, or None (none, unreadable, or the file no longer matches it)."""
+@functools.lru_cache(maxsize=None)
+def _code_version() -> str:
+    """The reading code's own version: an index holds what `read_config` made of the file, so a change to this
+    module or to `LlamaConfig` must not reuse it."""
+    from importlib.metadata import version
+
+    from medusa_jax import config
+
+    sources = b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], config))
+    return f"gguf {version('gguf')}|{INDEX_VERSION}|{hashlib.sha256(sources).hexdigest()[:16]}"
+
+
+def _index_path(path: Path, stat: os.stat_result) -> Path:
+    """The index file of `path` as `stat` describes it (a replaced file has another inode or mtime)."""
+    ident = f"{path.resolve()}|{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{_code_version()}"
+    return index_dir() / f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+
+
+def _read_index(path: Path, stat: os.stat_result) -> tuple[LlamaConfig, list[_Tensor], bool] | None:
+    """The cached index of `path`, or None (none yet, unreadable, or no cache directory)."""
     try:
         import gguf
 
-        index = json.loads(_index_path(path).read_text())
+        target = _index_path(path, stat)
+        index = json.loads(target.read_text())
         config = LlamaConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in index["config"].items()})
         tensors = [_Tensor(t["name"], gguf.GGMLQuantizationType(t["type"]), tuple(t["shape"]), t["n_bytes"],
                            np.memmap(path, dtype=np.dtype(t["dtype"]), mode="r", offset=t["offset"],
                                      shape=tuple(t["data_shape"])))
                    for t in index["tensors"]]
+        os.utime(target)  # recently used: pruning keeps it
         return config, tensors, bool(index["has_tokenizer"])
-    except (OSError, ValueError, KeyError, TypeError):  # no index yet, or a damaged one: read the file itself
+    except Exception:  # noqa: BLE001 - no index, a damaged one, no home directory: read the file itself
         return None
 
 
-def _write_index(path: Path, config: LlamaConfig, tensors: list, has_tokenizer: bool) -> None:
-    """Saves the index of a file just read successfully; a cache that cannot be written only costs time."""
+def _write_index(path: Path, stat: os.stat_result, config: LlamaConfig, tensors: list, has_tokenizer: bool) -> None:
+    """Saves the index of a file just read successfully, if it is still the file `stat` (taken before the read)
+    describes; a cache that cannot be written only costs time."""
     index = {"config": dataclasses.asdict(config), "has_tokenizer": has_tokenizer,
              "tensors": [{"name": t.name, "type": int(t.tensor_type), "shape": [int(n) for n in t.shape],
                           "n_bytes": int(t.n_bytes), "offset": int(t.data_offset), "dtype": t.data.dtype.str,
                           "data_shape": list(t.data.shape)} for t in tensors]}
+    tmp = None
     try:
-        target = _index_path(path)
+        now = path.stat()
+        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (stat.st_dev, stat.st_ino, stat.st_size,
+                                                                      stat.st_mtime_ns):
+            return  # replaced while it was read: what was read may be either file
+        target = _index_path(path, stat)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
         with os.fdopen(fd, "w") as f:
             json.dump(index, f)
         os.replace(tmp, target)
+        tmp = None
         for old in sorted(target.parent.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[INDEX_KEEP:]:
             old.unlink(missing_ok=True)
-    except OSError:
+    except Exception:  # noqa: BLE001 - a read-only or absent cache directory
         pass
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def read(path: Path, convert: Callable[[np.ndarray], Any] = lambda array: array) -> tuple[LlamaConfig, dict, bool]:
@@ -200,7 +231,8 @@ def read(path: Path, convert: Callable[[np.ndarray], Any] = lambda array: array)
     Tensors are dequantized to float32 one at a time and passed through `convert` (default: kept as numpy). The
     metadata comes from the index cache when it holds this file (module docstring), else from `GGUFReader`.
     """
-    cached = _read_index(path) if path.is_file() else None
+    stat = path.stat() if path.is_file() else None  # before anything is read: the index describes this file
+    cached = _read_index(path, stat) if stat is not None else None
     if cached is not None:
         config, tensors, has_tokenizer = cached
     else:
@@ -228,8 +260,8 @@ def read(path: Path, convert: Callable[[np.ndarray], Any] = lambda array: array)
     lazy = {n: (lambda n=n: load(n)) for n in by_hf_name}
     params = names.hf_to_params(config, lazy, str(path),
                                 display=lambda n: gguf_names.get(n) or names.hf_to_gguf_name(n), convert=convert)
-    if cached is None:
-        _write_index(path, config, tensors, has_tokenizer)
+    if cached is None and stat is not None:
+        _write_index(path, stat, config, tensors, has_tokenizer)
     return config, params, has_tokenizer
 
 
