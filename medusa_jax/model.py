@@ -260,7 +260,10 @@ class Llama(nn.Module):
     def logits(self, hidden: Array) -> Array:
         """[..., H] -> [..., V] float32 logits."""
         if self.config.tie_embeddings:
-            return self.embed.attend(hidden).astype(jnp.float32)
+            # Contract H against the embedding [V, H] as stored: `embed.attend` (hidden @ E.T) made XLA's CPU backend
+            # transpose E inside a slow loop fusion (BENCHMARKS.md, "Tied output projection").
+            embedding = self.embed.embedding.astype(hidden.dtype)
+            return jnp.einsum("...h,vh->...v", hidden, embedding).astype(jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
 
