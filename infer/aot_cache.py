@@ -6,8 +6,9 @@ most of a warm chat's wait for its first token (BENCHMARKS.md, "Stored executabl
 executable `infer.api` builds as JAX's serialized form (`jax.experimental.serialize_executable`) under a key that
 covers everything the program depends on: the decoding function and its static arguments (the `DecodeSpec`,
 trees included, by value), the argument shapes, dtypes and shardings, the versions of jax, jaxlib and flax, the
-backend, device kind and host CPU, `XLA_FLAGS`, and the source of every module of `medusa_jax` and `infer`. Any change
-makes a new key; an entry that fails to load is compiled again and rewritten.
+backend, device kind and host CPU, `XLA_FLAGS` and the JAX options that change tracing, and the source of every
+module of `medusa_jax` and `infer`. Any change makes a new key; an entry that fails to load is compiled again
+and rewritten.
 
 It lives in a `medusa-jax-executables` folder inside the compilation cache directory in use (so it is on and
 off with it: `MEDUSA_JAX_COMPILE_CACHE`), holds only executables whose build took at least JAX's
@@ -32,6 +33,9 @@ import numpy as np
 
 MAX_BYTES = 2 << 30  # 2 GiB: a SmolLM2 generation executable is about 4 MB on a CPU
 FOLDER = "medusa-jax-executables"
+# JAX options that change what tracing produces (dtypes, matmul precision, random bits, dtype promotion).
+_TRACING_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
+                    "jax_numpy_dtype_promotion", "jax_threefry_partitionable")
 
 
 def directory() -> Path | None:
@@ -93,7 +97,8 @@ def key(kind: str, static: tuple, args: tuple) -> str:
     device = jax.devices()[0]
     h.update(repr((kind, jax.__version__, jaxlib.__version__, flax.__version__, jax.default_backend(),
                    device.device_kind, device.client.platform_version, _host_fingerprint(),
-                   os.environ.get("XLA_FLAGS", ""), _code_fingerprint(), str(jax.tree.structure(args)))).encode())
+                   os.environ.get("XLA_FLAGS", ""), _code_fingerprint(), str(jax.tree.structure(args)),
+                   [str(getattr(jax.config, name, None)) for name in _TRACING_OPTIONS])).encode())
     _fingerprint(static, h)
     for leaf in jax.tree.leaves(args):
         h.update(f"{tuple(leaf.shape)} {leaf.dtype} {getattr(leaf, 'sharding', None)}".encode())
