@@ -64,6 +64,7 @@ def test_second_process_loads_the_compiled_generation(tmp_path):
 
 
 def test_store_keys_follow_everything_the_program_depends_on(monkeypatch):
+    import jax
     import jax.numpy as jnp
 
     from infer.plan import make_plan
@@ -80,6 +81,8 @@ def test_store_keys_follow_everything_the_program_depends_on(monkeypatch):
     assert key([[0], [1], [0, 0]]) == base
     assert key([[0], [1], [1, 0]]) != base  # same node count, another tree
     assert key([[0], [1], [0, 0]], cache=jnp.zeros((1, 128), jnp.float32)) != base
+    with jax.default_matmul_precision("highest"):  # a JAX option that changes the traced program
+        assert key([[0], [1], [0, 0]]) != base
     monkeypatch.setattr(aot_cache, "_code_fingerprint", lambda: "edited source")
     assert key([[0], [1], [0, 0]]) != base
 
