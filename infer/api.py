@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from infer import aot_cache, decode, prefix_cache as prefixes
+from infer import decode, prefix_cache as prefixes
 from infer.plan import default_stop_ids, make_plan, stream_steps
 from infer.state import DecodeSpec
 from medusa_jax import chat, model
@@ -32,7 +32,7 @@ _compiles = [0]
 
 
 def compile_count() -> int:
-    """Executables this process compiled or loaded from the on-disk store (a second similar call must not add one)."""
+    """Executables compiled by this process (a second similar call must not add one)."""
     return _compiles[0]
 
 
@@ -91,15 +91,13 @@ _JITTED = {"generate": decode.generate_jit, "start": decode.start_jit, "advance"
 
 
 def _executable(kind: str, spec: DecodeSpec, args: tuple, *static) -> tuple[Any, float]:
-    """The compiled `decode.<kind>_jit` for these argument shapes (arrays or ShapeDtypeStructs), from this
-    process's table, else from the on-disk store (`infer.aot_cache`: no tracing), else built; seconds spent."""
+    """The compiled `decode.<kind>_jit` for these argument shapes (arrays or ShapeDtypeStructs); compile seconds."""
     shapes = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args))
     key = (kind, spec, static, jax.tree.structure(args), shapes)
     if key in _executables:
         return _executables[key], 0.0
     t0 = time.perf_counter()
-    exe, _ = aot_cache.load_or_build(kind, (spec, *static), args,
-                                     lambda: _JITTED[kind].lower(spec, *static, *args).compile())
+    exe = _JITTED[kind].lower(spec, *static, *args).compile()
     _compiles[0] += 1
     _executables[key] = exe
     return exe, time.perf_counter() - t0

@@ -12,7 +12,7 @@ per process, at its first compilation, whether it uses the cache: a process that
 `enable()` runs without it. JAX writes no executable that holds a host callback (streamed generations use none:
 `infer.decode`), and only those that took at least a second to compile (its default). The cache is capped at
 `MAX_BYTES`, least recently used entries first out (JAX needs the `filelock` package for that, which
-transformers installs). `infer.aot_cache` keeps the generation executables themselves in a folder inside it.
+transformers installs).
 Known upstream problem: on some CPUs XLA rejects its own cached executables on reload (jax-ml/jax#38445), logs
 an error line for each, and compiles as if there were no cache; `MEDUSA_JAX_COMPILE_CACHE=off` silences it.
 """

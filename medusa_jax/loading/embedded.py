@@ -109,7 +109,7 @@ def load_tokenizer(path: Path):
     cached = cache_dir() / f"tokenizer-{path.stem}-{stat.st_size}"
     if (cached / "tokenizer.json").is_file():
         try:
-            return PreTrainedTokenizerFast.from_pretrained(str(cached))
+            return PreTrainedTokenizerFast.from_pretrained(str(cached), trust_remote_code=False)
         except Exception:  # noqa: BLE001 - a damaged cache is rebuilt below
             shutil.rmtree(cached, ignore_errors=True)
     tokenizer = gguf_file.load_tokenizer(path)
