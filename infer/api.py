@@ -133,7 +133,7 @@ def _run(exes: tuple, args: tuple, stream: Callable[[list[list[int]]], None] | N
     sent = np.zeros(len(args[2]), np.int64)
     while True:
         state, queued = advance(base, heads, state, max_new, temperature, top_p)
-        tokens, num_new, over = np.asarray(view.tokens), np.asarray(view.num_new), bool(view.over)
+        tokens, num_new, over = jax.device_get((view.tokens, view.num_new, view.over))  # one transfer per segment
         if (num_new > sent).any():
             stream([tokens[i, sent[i]:num_new[i]].tolist() for i in range(len(sent))])
             sent = num_new
