@@ -4,11 +4,20 @@ This is the statistic that decides what a draft tree gains: at temperature 0 a d
 its token equals the base model's greedy continuation. So we decode each prompt greedily (plain decoding), run one
 cache-free forward over prompt + answer, and compare head k's ranked predictions at position t with the answer's
 token at t + 2 + k.
+
+    python -m infer.heads_eval --heads runs/a/heads runs/b/heads     # compare head sets (default: shipped heads)
+    python -m infer.heads_eval --questions mt_bench_questions.jsonl --per-category 1 --tree mc_sim_7b_63
+
+For each head set it prints top-1/top-5 per head and the tokens per step of real greedy decoding with `--tree`:
+a count that does not depend on the machine, so it is what Medusa's speedup follows where a tree step costs about
+what a one-token step does (a GPU).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 from typing import Sequence
 
 import jax
@@ -19,7 +28,7 @@ from infer.api import generate_ids
 from medusa_jax import model
 from medusa_jax.bundle import Bundle
 from medusa_jax.config import HeadsConfig, LlamaConfig
-from medusa_jax.errors import MedusaError
+from medusa_jax.errors import MedusaError, cli_errors
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -70,3 +79,66 @@ def topk_table(accuracy: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, li
     """{"top1": [per head], "top5": [...]} from a per-rank accuracy matrix."""
     cum = np.cumsum(accuracy, axis=1)
     return {f"top{k}": [round(float(x), 4) for x in cum[:, min(k, cum.shape[1]) - 1]] for k in ks}
+
+
+def tokens_per_step(params: Bundle, prompts: Sequence[Sequence[int]], tree, max_new_tokens: int) -> dict:
+    """Greedy Medusa decoding of `prompts` (one batch) with `tree`: tokens emitted per decoding step (accepted
+    drafts + 1, the `mean_accepted` of `Generation.stats`) over all rows' steps."""
+    out = generate_ids(params, [list(p) for p in prompts], max_new_tokens=max_new_tokens, mode="greedy",
+                       tree=tree, prefix_cache=False)
+    ran = out.accepted >= 0  # [B, steps]: -1 once a row had stopped
+    return {"tokens": out.new_tokens, "row_steps": int(ran.sum()), "tokens_per_step": out.stats()["mean_accepted"]}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m infer.heads_eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
+    ap.add_argument("--heads", nargs="+", default=[None], help="head folders or files to compare (default: the "
+                    "shipped heads)")
+    ap.add_argument("--questions", default=None, help="FastChat question JSONL whose first turns are the prompts "
+                    "(default: the tree tuner's built-in held-out prompts)")
+    ap.add_argument("--per-category", type=int, default=None, help="with --questions: the first N of each category")
+    ap.add_argument("--limit", type=int, default=8, help="number of prompts (default 8)")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy tokens per prompt (default 128)")
+    ap.add_argument("--tree", default="mc_sim_7b_63", help="tree for the tokens-per-step count, or 'none' "
+                    "(default mc_sim_7b_63, the original's 64-node tree)")
+    args = ap.parse_args(argv)
+    with cli_errors():
+        from infer.tune_tree import TUNING_PROMPTS
+        from medusa_jax import chat
+        from medusa_jax.loading import load
+
+        if args.limit < 1 or args.max_new_tokens < 1 or (args.per_category is not None and args.per_category < 1):
+            raise MedusaError("--limit, --max-new-tokens and --per-category must be at least 1")
+        texts: list[str] = list(TUNING_PROMPTS)[: args.limit]
+        if args.questions:
+            from infer.bench import read_questions
+
+            texts = [q.turns[0] for q in read_questions(args.questions, args.limit, args.per_category)]
+        rows = []
+        for heads in args.heads:
+            params = load(args.model, heads=heads)
+            if params.heads is None:
+                raise MedusaError(f"{heads or args.model}: no Medusa heads to evaluate; pass --heads PATH")
+            prompts = [chat.render_prompt(params.tokenizer, t) for t in texts]
+            acc, count = head_accuracy(params, prompts, max_new_tokens=args.max_new_tokens)
+            row = {"heads": heads or "shipped", "positions": count, **topk_table(acc)}
+            if args.tree != "none":
+                row["tree"] = args.tree
+                row.update(tokens_per_step(params, prompts, args.tree, args.max_new_tokens))
+            rows.append(row)
+            print(json.dumps(row))
+        k = max(len(r["top1"]) for r in rows)
+        print(f"\n{len(texts)} prompts, {args.max_new_tokens} greedy tokens each"
+              + (f"; tokens per step of greedy decoding with {args.tree}" if args.tree != "none" else ""))
+        print("| heads | " + " | ".join(f"head {i} top-1 / top-5" for i in range(k))
+              + (" | tokens per step |" if args.tree != "none" else " |"))
+        print("|---" * (k + 1 + (args.tree != "none")) + "|")
+        for r in rows:
+            cells = [f"{a:.3f} / {b:.3f}" for a, b in zip(r["top1"], r["top5"])]
+            tps = [f"{r['tokens_per_step']:.3f}"] if "tokens_per_step" in r else []
+            print("| " + " | ".join([r["heads"], *cells, *tps]) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -70,3 +70,17 @@ def test_greedy_medusa_matches_plain_greedy(perturbed, mt_bench_ids, plain, tree
     out = generate_ids(perturbed, mt_bench_ids, max_new_tokens=64, mode="greedy", tree=tree, stop_ids=())
     assert out.tokens == plain.tokens
     assert (out.accepted > 0).any()  # some drafts were accepted, so compaction ran on the real model
+
+
+def test_heads_eval_reports_accuracy_and_tokens_per_step(embedded, capsys):
+    """`python -m infer.heads_eval` on the shipped heads: per-head top-1 <= top-5 rates, and the tokens per step of
+    real greedy decoding with the given tree (between 1 and the tree's depth + 1)."""
+    from infer import heads_eval
+
+    heads_eval.main(["--limit", "1", "--max-new-tokens", "12", "--tree", "chain:2"])
+    out = capsys.readouterr().out
+    row = json.loads(out.splitlines()[0])
+    assert row["heads"] == "shipped" and len(row["top1"]) == embedded.heads_config.num_heads
+    assert all(0 <= a <= b <= 1 for a, b in zip(row["top1"], row["top5"]))
+    assert 0 < row["tokens"] <= 12 and 1.0 <= row["tokens_per_step"] <= 3.0
+    assert "| shipped |" in out and "tokens per step" in out

@@ -112,6 +112,81 @@ def test_fused_loss_matches_head_logits_values_and_gradients():
             assert float(jnp.abs(gf["proj"]).max()) > 0
 
 
+def _naive_teacher_loss(hc, cfg, base, heads, hidden, tokens, mask, seg, weights, t_hidden, t_kernel, temperature):
+    """Reference for soft targets: head k at t against softmax(teacher logits at t + 1 + k / temperature)."""
+    logp = jax.nn.log_softmax(model.head_logits(hc, cfg, base, heads, hidden), axis=-1)  # [B, S, K, V]
+    t_logits = t_hidden @ t_kernel  # [B, S, V]
+    _, valid = losses.head_targets(tokens, mask, seg, hc.num_heads)
+    per_head = []
+    for k in range(hc.num_heads):
+        shifted = jnp.pad(t_logits[:, 1 + k:], ((0, 0), (0, 1 + k), (0, 0)))
+        if temperature == 0:
+            target = jax.nn.one_hot(jnp.argmax(shifted, -1), cfg.vocab_size)
+        else:
+            target = jax.nn.softmax(shifted / temperature, -1)
+        nll = -jnp.sum(target * logp[:, :, k], -1)  # [B, S]
+        per_head.append(jnp.sum(nll * valid[..., k]) / jnp.maximum(valid[..., k].sum(), 1))
+    return jnp.sum(jnp.asarray(weights) * jnp.stack(per_head))
+
+
+def test_teacher_targets_match_a_naive_soft_cross_entropy():
+    """Soft targets: values and gradients equal the full-logits reference (chunked or not, both projections, three
+    temperatures); the reported ce, top-1 and top-5 stay those against the data's tokens."""
+    for projection, chunk, temperature in (("shared", None, 1.0), ("own", 4, 0.5), ("shared", 3, 0.0)):
+        cfg, base, hc, heads = _one_hot_setup(num_heads=3, projection=projection)
+        rng = jax.random.split(jax.random.PRNGKey(11), 6)
+        heads = jax.tree.map(lambda p, r: p + 0.1 * jax.random.normal(r, p.shape), heads,
+                             dict(zip(heads, jax.random.split(rng[0], len(heads)))))
+        b, s = 2, 9
+        hidden = jax.random.normal(rng[1], (b, s, cfg.hidden_size))
+        t_hidden = 3.0 * jax.random.normal(rng[4], (b, s, cfg.hidden_size))
+        t_kernel = model.lm_head_kernel(cfg, base)
+        tokens = jax.random.randint(rng[2], (b, s), 0, cfg.vocab_size)
+        mask = jax.random.bernoulli(rng[3], 0.7, (b, s))
+        seg = jnp.array([[1] * 5 + [2] * 4, [1] * 7 + [0] * 2])
+        weights = losses.head_weights(3, 0.8)
+        teacher = losses.Teacher(t_hidden, t_kernel, temperature)
+
+        def fused(h, teacher=teacher):
+            return losses.medusa_loss(hc, cfg, base, h, hidden, tokens, mask, seg, weights=weights, chunk=chunk,
+                                      teacher=teacher)
+
+        def naive(h):
+            return _naive_teacher_loss(hc, cfg, base, h, hidden, tokens, mask, seg, weights, t_hidden, t_kernel,
+                                       temperature)
+
+        (lf, stats), gf = jax.jit(jax.value_and_grad(fused, has_aux=True))(heads)
+        ln, gn = jax.jit(jax.value_and_grad(naive))(heads)
+        np.testing.assert_allclose(lf, ln, rtol=1e-5)
+        for key in gn:
+            np.testing.assert_allclose(gf[key], gn[key], rtol=1e-4, atol=1e-6, err_msg=f"{projection} {key}")
+        _, data_stats = jax.jit(lambda h: fused(h, None))(heads)
+        for name in ("ce", "top1", "top5", "count"):
+            np.testing.assert_allclose(getattr(stats, name), getattr(data_stats, name), rtol=1e-6)
+        assert abs(float(lf) - float(jax.jit(lambda h: fused(h, None)[0])(heads))) > 1e-3  # the targets differ
+
+
+def test_argmax_teacher_that_agrees_with_the_data_gives_the_data_loss():
+    """At temperature 0 a teacher whose argmax at t + 1 + k is the data's token t + 2 + k is the hard-label loss."""
+    cfg, base, hc, heads = _one_hot_setup(num_heads=2)
+    tokens = jnp.array([[3, 1, 4, 1, 5, 2, 6, 0, 7]], jnp.int32)
+    kernel = model.lm_head_kernel(cfg, base)
+    # Teacher state at position p = the kernel's pseudo-inverse applied to a peaked logit row for tokens[p + 1].
+    want = 20.0 * jax.nn.one_hot(jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))), cfg.vocab_size)  # [1, S, V]
+    t_hidden = want @ jnp.linalg.pinv(kernel)
+    t_argmax = jnp.argmax(t_hidden @ kernel, -1)
+    assert bool(jnp.all(t_argmax[0, :-1] == tokens[0, 1:]))  # the construction does what it says
+    hidden = jax.random.normal(jax.random.PRNGKey(5), (1, 9, cfg.hidden_size))
+    ones = jnp.ones((1, 9), bool)
+    seg = ones.astype(jnp.int32)
+
+    def loss(teacher):
+        return jax.jit(lambda h: losses.medusa_loss(hc, cfg, base, h, hidden, tokens, ones, seg, weights=(1.0, 0.8),
+                                                    teacher=teacher)[0])(heads)
+
+    np.testing.assert_allclose(loss(losses.Teacher(t_hidden, kernel, 0.0)), loss(None), rtol=1e-6)
+
+
 def test_frozen_shared_projection_gets_no_gradient_and_base_is_constant():
     cfg, base, hc, heads = _one_hot_setup(num_heads=2)
     tokens = jnp.arange(8, dtype=jnp.int32)[None] % cfg.vocab_size
@@ -170,13 +245,15 @@ def test_top_k_metrics_count_ranks():
     x = base_logits[None, None, :]  # [1, 1, V] as hidden with identity kernel
     kernel = jnp.eye(v)
     for target, top1, top5 in ((0, 1, 1), (3, 0, 1), (5, 0, 0), (9, 0, 0)):
-        sums = losses.linear_cross_entropy(x, kernel, jnp.array([[target]]), jnp.array([[True]]), None, False)
+        sums = losses.linear_cross_entropy(x, kernel, jnp.array([[target]]), jnp.array([[True]]),
+                                           None, None, None, 1.0, None, False)
         ce = float(jax.nn.logsumexp(base_logits) - base_logits[target])
-        assert float(sums[0]) == pytest.approx(ce, rel=1e-6)
-        assert (float(sums[1]), float(sums[2])) == (top1, top5)
+        assert float(sums[0]) == float(sums[1]) == pytest.approx(ce, rel=1e-6)  # no teacher: objective = ce
+        assert (float(sums[2]), float(sums[3])) == (top1, top5)
     # Invalid positions count for nothing.
-    sums = losses.linear_cross_entropy(x, kernel, jnp.array([[0]]), jnp.array([[False]]), None, False)
-    assert [float(s) for s in sums] == [0.0, 0.0, 0.0]
+    sums = losses.linear_cross_entropy(x, kernel, jnp.array([[0]]), jnp.array([[False]]), None, None, None, 1.0,
+                                       None, False)
+    assert [float(s) for s in sums] == [0.0, 0.0, 0.0, 0.0]
 
 
 def test_attention_mask_for_packed_rows():

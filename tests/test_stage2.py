@@ -16,7 +16,7 @@ import pytest
 import medusa_jax
 from medusa_jax import MedusaError, model
 from medusa_jax.config import HeadsConfig
-from train import joint, loop, stage2
+from train import joint, loop, losses, stage2
 from train.checkpoint import Checkpoints
 from train.synthetic import synthetic_dataset
 
@@ -79,6 +79,33 @@ def test_kl_term_is_zero_when_current_equals_original():
     # Its gradient is zero there too, while the CE term's is not.
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_kl)) < 1e-5
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_ce["base"])) > 1e-3
+
+
+def test_teacher_head_targets_come_from_the_original_model():
+    """head_targets="teacher": the heads' term is `losses.medusa_loss` against the *original* model's distributions,
+    and the base receives no gradient through those targets (they are constants)."""
+    bundle = medusa_jax.load("tiny")
+    cfg_m = bundle.config
+    hc = HeadsConfig(num_heads=2)
+    heads = model.init_heads(hc, cfg_m, bundle.base)
+    ds = synthetic_dataset(cfg_m.vocab_size, 2, 32, seed=1)
+    batch = {k: jnp.asarray(getattr(ds, k)) for k in ("tokens", "loss_mask", "segment_ids", "positions")}
+    moved = jax.tree.map(lambda x: x * 1.05, bundle.base)  # the base has drifted from the original
+    lcfg = joint.JointLossConfig(chunk=8, lambda0=1.0, head_targets="teacher", teacher_temperature=0.5)
+    loss, stats = jax.jit(lambda p: joint.joint_loss(lcfg, cfg_m, hc, p, bundle.base, batch, 0, jnp.float32))(
+        {"base": moved, "heads": heads})
+    hidden = joint.frozen_hidden(cfg_m, moved, batch)
+    t_hidden = joint.frozen_hidden(cfg_m, bundle.base, batch)
+    weights = joint.head_loss_weights(2, lcfg.decay)
+    expect, _ = losses.medusa_loss(hc, cfg_m, moved, heads, hidden, batch["tokens"], batch["loss_mask"],
+                                   batch["segment_ids"], weights=weights, chunk=8, train_base=True,
+                                   teacher=losses.Teacher(t_hidden, model.lm_head_kernel(cfg_m, bundle.base), 0.5))
+    base_term = float(stats.base.kl / jnp.maximum(stats.base.count, 1.0))
+    np.testing.assert_allclose(float(loss) - base_term, float(expect), rtol=1e-5)
+    data_cfg = dataclasses.replace(lcfg, head_targets="data")
+    data_loss, _ = jax.jit(lambda p: joint.joint_loss(data_cfg, cfg_m, hc, p, bundle.base, batch, 0, jnp.float32))(
+        {"base": moved, "heads": heads})
+    assert abs(float(data_loss) - float(loss)) > 1e-3
 
 
 def test_lambda0_warmups():

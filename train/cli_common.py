@@ -21,10 +21,12 @@ from train.checkpoint import Checkpoints
 COMMON_DEFAULTS: dict[str, Any] = dict(
     model=None, data=None, steps=None, epochs=None, batch_size=4, seq_len=512, lr=1e-3, lambda_decay=0.8,
     warmup=0.1, clip=1.0, dtype="float32", out=None, devices=None, seed=0, keep=3, save_every=50, eval_every=0,
-    log_every=10, holdout=0.1, cache_gb=4.0, chunk=256, max_bad_steps=10, stop_at=None, distill_prompts=112,
+    log_every=10, holdout=0.1, cache_gb=4.0, chunk=256, max_bad_steps=10, head_targets="data",
+    teacher_temperature=1.0, stop_at=None, distill_prompts=112,
     distill_tokens=DI.DEFAULT_MAX_NEW_TOKENS, accept_prompts=4, accept_tokens=96, progress=True, distributed=False)
 COMMON_FIXED_ON_RESUME = ("model", "data", "batch_size", "seq_len", "dtype", "seed", "holdout", "distill_prompts",
                           "distill_tokens")
+HEAD_TARGETS = ("data", "teacher")
 POSITIVE_INTS = ("batch_size", "seq_len", "keep", "log_every", "max_bad_steps")
 POSITIVE_OR_NONE = ("steps", "epochs", "lr", "stop_at")
 
@@ -44,6 +46,11 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: Mapping[str, Any], de
     a("--lr", type=float, help=f"peak learning rate (default {d['lr']:g})")
     a("--lambda-decay", type=float, help="head k's loss weight is decay**k; 0.8 = paper, 1 = original code "
       f"(default {d['lambda_decay']:g})")
+    a("--head-targets", choices=HEAD_TARGETS, help="what each head learns to predict: the data's token t + 2 + k "
+      "(data: the original Medusa loss) or the frozen base's own distribution over it (teacher: soft labels, "
+      f"self-distillation) (default {d['head_targets']})")
+    a("--teacher-temperature", type=float, help="softmax temperature of the teacher's targets, 0 = its argmax "
+      f"(default {d['teacher_temperature']:g})")
     a("--warmup", type=float, help=f"linear warmup fraction before the cosine decay (default {d['warmup']:g})")
     a("--clip", type=float, help=f"gradient clipping at this global norm, 0 = off (default {d['clip']:g})")
     a("--dtype", choices=("float32", "bfloat16", "float16"), help="base weights and matmul dtype; trained "
@@ -120,6 +127,9 @@ def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, de
     for name in ("holdout", "warmup"):
         if hasattr(args, name) and not 0 <= getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)} is out of range; use 0 <= {name} < 1")
+    if args.teacher_temperature < 0:
+        parser.error(f"--teacher-temperature {args.teacher_temperature} is negative; use 0 (the teacher's argmax) "
+                     "or a positive temperature")
     if args.steps and args.stop_at and args.stop_at > args.steps:
         parser.error(f"--stop-at {args.stop_at} is after the last step (--steps {args.steps}); lower --stop-at")
     return args, meta

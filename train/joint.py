@@ -47,6 +47,8 @@ class JointLossConfig:
     base_loss: str = "kl"
     chunk: int | None = 256
     remat: bool = False  # recompute each decoder layer in the backward pass
+    head_targets: str = "data"  # "teacher": the heads learn the original model's distributions (train.losses)
+    teacher_temperature: float = 1.0
 
     def __post_init__(self):
         if self.warmup not in LAMBDA0_WARMUPS:
@@ -118,13 +120,16 @@ def joint_loss(cfg: JointLossConfig, config: LlamaConfig, hc: HeadsConfig, param
     else:
         t_hidden = jax.lax.stop_gradient(frozen_hidden(config, teacher, batch, sharded=per_layer))
     labels, label_valid = losses.next_token_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
-    base_stats = losses.base_terms(hidden, model.lm_head_kernel(config, base), t_hidden,
-                                   model.lm_head_kernel(config, teacher).astype(compute_dtype), labels,
+    teacher_kernel = model.lm_head_kernel(config, teacher).astype(compute_dtype)
+    base_stats = losses.base_terms(hidden, model.lm_head_kernel(config, base), t_hidden, teacher_kernel, labels,
                                    label_valid, batch["segment_ids"] > 0, cfg.chunk)
+    head_teacher = None
+    if cfg.head_targets == "teacher":  # the original model, not the moving base, supplies the heads' targets
+        head_teacher = losses.Teacher(t_hidden, teacher_kernel, cfg.teacher_temperature)
     heads_loss, head_stats = losses.medusa_loss(
         hc, config, base, params["heads"], hidden, batch["tokens"], batch["loss_mask"], batch["segment_ids"],
         weights=head_loss_weights(hc.num_heads, cfg.decay), compute_dtype=compute_dtype, chunk=cfg.chunk,
-        train_base=True)
+        train_base=True, teacher=head_teacher)
     if cfg.base_loss == "kl":
         base_term = base_stats.kl / jnp.maximum(base_stats.count, 1.0)
     else:

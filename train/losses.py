@@ -14,12 +14,19 @@ the sequence, and computes the gradient of the projection in the same sweep as t
 known right there), so nothing of size V is kept for the backward pass and the vocabulary matmul runs twice (three
 times with a trainable projection) instead of three times plus a rematerialisation. It is exactly the projection
 `medusa_jax.model.head_logits` applies (the test compares values and gradients against that function).
+
+Targets: the original trains each head on the data's token t + 2 + k (`teacher=None`). With a `Teacher` the target
+is instead the frozen base's own distribution over that token, i.e. its next-token distribution at position
+t + 1 + k given the data's prefix (self-distillation with soft labels, as EAGLE trains its draft head): every
+position then says how likely each candidate is, not only which one was sampled, and at `temperature=0` the target
+is the teacher's argmax, the very token greedy verification will accept. The reported `ce`, top-1 and top-5 stay
+measured against the data's tokens in every mode, so runs with different targets compare on the same numbers.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,41 +94,85 @@ def head_targets(tokens: Array, loss_mask: Array, segment_ids: Array, num_heads:
     return jnp.stack(labels, axis=-1), jnp.stack(valid, axis=-1)
 
 
-def _chunk_stats(x: Array, kernel: Array, labels: Array, valid: Array, with_grads: bool, kernel_grad: bool):
-    """One chunk: x [C, H], kernel [H, V], labels int [C], valid bool [C] -> sums (+ gradients of the CE sum)."""
+class Teacher(NamedTuple):
+    """Soft targets for the heads: the frozen base's own next-token distributions (see the module docstring).
+
+    hidden: [B, S, H] post-final-norm states of the teacher (stage 1: the frozen base; stage 2: the original).
+    kernel: [H, V] the teacher's output projection.
+    temperature: Python float; targets are softmax(logits / temperature), 0 = one-hot on the teacher's argmax.
+    """
+
+    hidden: Array
+    kernel: Array
+    temperature: float = 1.0
+
+
+def shift_left(a: Array, shift: int) -> Array:
+    """[B, S, ...] -> [B, S, ...]: row t holds a[t + shift] (zeros past the row end, where no target is valid)."""
+    pad = ((0, 0), (0, min(shift, a.shape[1]))) + ((0, 0),) * (a.ndim - 2)
+    return jnp.pad(a[:, shift:], pad)
+
+
+def teacher_argmax(hidden: Array, kernel: Array, chunk: int | None = None) -> Array:
+    """The teacher's most likely next token at every position: argmax(hidden @ kernel), int32 [B, S], computed
+    `chunk` positions at a time so that no [B, S, V] array exists."""
+    b, s, h = hidden.shape
+    chunk = s if chunk is None else min(chunk, s)
+    n = -(-s // chunk)
+    xs = jnp.pad(hidden, ((0, 0), (0, n * chunk - s), (0, 0))).reshape(b, n, chunk, h).swapaxes(0, 1)
+    ids = jax.lax.map(lambda x: jnp.argmax(jnp.dot(x, kernel, preferred_element_type=jnp.float32), axis=-1), xs)
+    return ids.swapaxes(0, 1).reshape(b, n * chunk)[:, :s].astype(jnp.int32)
+
+
+def _chunk_stats(x: Array, kernel: Array, labels: Array, valid: Array, targets: Array | None, tx: Array | None,
+                 tk: Array | None, temperature: float, with_grads: bool, kernel_grad: bool):
+    """One chunk: x [C, H], kernel [H, V], labels int [C], valid bool [C], and the targets: ids int [C], or teacher
+    states tx [C, H] with kernel tk [H, V] -> sums (+ gradients of the objective sum)."""
     logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32)  # [C, V]
     lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]  # [C]
     w = valid.astype(jnp.float32)
     rank = jnp.sum(logits > label_logit[:, None], axis=-1)  # logits strictly above the target's: 0 = top-1
-    sums = (jnp.sum((lse - label_logit) * w), jnp.sum((rank < 1) * w), jnp.sum((rank < TOPK_METRIC) * w))
+    ce = lse - label_logit  # [C], against the data's token
+    if tx is None:  # one target id per position
+        target = None
+        objective = lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    else:
+        target = jax.nn.softmax(jnp.dot(tx, tk, preferred_element_type=jnp.float32) / temperature, axis=-1)
+        objective = lse - jnp.sum(target * logits, axis=-1)  # cross-entropy against the soft target, nats
+    sums = (jnp.sum(objective * w), jnp.sum(ce * w), jnp.sum((rank < 1) * w), jnp.sum((rank < TOPK_METRIC) * w))
     if not with_grads:
         return sums, None, None
-    # d CE / d logits = softmax - one_hot, zero on invalid rows.
-    dlogits = (jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(labels, logits.shape[-1])) * w[:, None]
-    dlogits = dlogits.astype(x.dtype)
+    # d objective / d logits = softmax - target, zero on invalid rows.
+    if target is None:
+        target = jax.nn.one_hot(targets, logits.shape[-1])
+    dlogits = ((jnp.exp(logits - lse[:, None]) - target) * w[:, None]).astype(x.dtype)
     dx = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)  # [C, H]
     dk = jnp.dot(x.T, dlogits, preferred_element_type=jnp.float32) if kernel_grad else None  # [H, V]
     return sums, dx, dk
 
 
-def _chunked(x, kernel, labels, valid, chunk, with_grads, kernel_grad):
-    """Runs `_chunk_stats` over sequence chunks. x [B, S, H]; labels, valid [B, S]."""
+def _chunked(x, kernel, labels, valid, targets, tx, tk, temperature, chunk, with_grads, kernel_grad):
+    """Runs `_chunk_stats` over sequence chunks. x, tx [B, S, H]; labels, valid, targets [B, S]."""
     b, s, h = x.shape
     if chunk is None or chunk >= s:
-        flat = (x.reshape(b * s, h), kernel, labels.reshape(-1), valid.reshape(-1))
-        sums, dx, dk = _chunk_stats(*flat, with_grads, kernel_grad)
+        flat_tx = None if tx is None else tx.reshape(b * s, h)
+        flat_targets = None if targets is None else targets.reshape(-1)
+        flat = (x.reshape(b * s, h), kernel, labels.reshape(-1), valid.reshape(-1), flat_targets, flat_tx, tk)
+        sums, dx, dk = _chunk_stats(*flat, temperature, with_grads, kernel_grad)
         return sums, (None if dx is None else dx.reshape(b, s, h)), dk
     n = -(-s // chunk)
     pad = n * chunk - s
-    # Chunks along the sequence axis keep the batch axis (the sharded one) intact inside each chunk.
-    xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, h).transpose(1, 0, 2, 3)
-    ls = jnp.pad(labels, ((0, 0), (0, pad))).reshape(b, n, chunk).transpose(1, 0, 2)
-    vs = jnp.pad(valid, ((0, 0), (0, pad))).reshape(b, n, chunk).transpose(1, 0, 2)
+
+    def split(a):  # [B, S, ...] -> [n, B, chunk, ...]: chunks along the sequence keep the (sharded) batch axis
+        a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+        return a.reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)
 
     def body(carry, inp):
-        xc, lc, vc = inp
+        xc, lc, vc, gc, tc = inp
         sums, dx, dk = _chunk_stats(xc.reshape(b * chunk, h), kernel, lc.reshape(-1), vc.reshape(-1),
+                                    None if gc is None else gc.reshape(-1),
+                                    None if tc is None else tc.reshape(b * chunk, h), tk, temperature,
                                     with_grads, kernel_grad)
         carry_sums, carry_dk = carry
         carry_sums = tuple(a + c for a, c in zip(carry_sums, sums))
@@ -131,42 +182,58 @@ def _chunked(x, kernel, labels, valid, chunk, with_grads, kernel_grad):
 
     zero = jnp.zeros((), jnp.float32)
     dk0 = jnp.zeros(kernel.shape, jnp.float32) if (with_grads and kernel_grad) else None
-    (sums, dk), dx = jax.lax.scan(body, ((zero, zero, zero), dk0), (xs, ls, vs))
+    xs = (split(x), split(labels), split(valid), None if targets is None else split(targets),
+          None if tx is None else split(tx))
+    (sums, dk), dx = jax.lax.scan(body, ((zero,) * 4, dk0), xs)
     if dx is not None:
         dx = dx.transpose(1, 0, 2, 3).reshape(b, n * chunk, h)[:, :s]
     return sums, dx, dk
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def linear_cross_entropy(x: Array, kernel: Array, labels: Array, valid: Array, chunk: int | None = None,
-                         kernel_grad: bool = False) -> tuple[Array, Array, Array]:
-    """Cross-entropy of softmax(x @ kernel) against `labels`, summed over valid positions, plus top-1/top-5 hits.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def linear_cross_entropy(x: Array, kernel: Array, labels: Array, valid: Array, targets: Array | None = None,
+                         teacher_x: Array | None = None, teacher_kernel: Array | None = None,
+                         temperature: float = 1.0, chunk: int | None = None,
+                         kernel_grad: bool = False) -> tuple[Array, Array, Array, Array]:
+    """Cross-entropy of softmax(x @ kernel) against its targets, summed over valid positions, plus hit counts.
 
     Args:
       x: [B, S, H] head states (any float dtype; the matmul accumulates in float32).
       kernel: [H, V] vocabulary projection.
-      labels: int [B, S] target ids.
+      labels: int [B, S] the data's target ids.
       valid: bool [B, S] which positions count.
+      targets: int [B, S] target ids when they are not `labels` (e.g. a teacher's argmax); None: `labels`.
+      teacher_x, teacher_kernel: [B, S, H] and [H, V]: soft targets softmax(teacher_x @ teacher_kernel /
+        temperature) instead of ids; constants (no gradient).
+      temperature: Python float > 0, see above.
       chunk: sequence positions per chunk (None: the whole sequence at once); bounds the [B * chunk, V] temporaries.
       kernel_grad: whether the kernel is trained (the `own` projection); a frozen kernel gets a zero cotangent and
         its gradient matmul is skipped.
     Returns:
-      (ce_sum, top1_hits, top5_hits), float32 scalars. Only ce_sum is differentiable.
+      (objective_sum, ce_sum, top1_hits, top5_hits), float32 scalars: the objective is the cross-entropy against
+      the targets (= ce_sum without a teacher); ce and the hits are against `labels`. Only the objective is
+      differentiable.
     """
-    sums, _, _ = _chunked(x, kernel, labels, valid, chunk, with_grads=False, kernel_grad=False)
+    if targets is None and teacher_x is None:
+        targets = labels
+    sums, _, _ = _chunked(x, kernel, labels, valid, targets, teacher_x, teacher_kernel, temperature, chunk,
+                          with_grads=False, kernel_grad=False)
     return sums
 
 
-def _lce_fwd(x, kernel, labels, valid, chunk, kernel_grad):
-    sums, dx, dk = _chunked(x, kernel, labels, valid, chunk, with_grads=True, kernel_grad=kernel_grad)
-    return sums, (dx.astype(x.dtype), dk, labels, valid, kernel)
+def _lce_fwd(x, kernel, labels, valid, targets, teacher_x, teacher_kernel, temperature, chunk, kernel_grad):
+    if targets is None and teacher_x is None:
+        targets = labels
+    sums, dx, dk = _chunked(x, kernel, labels, valid, targets, teacher_x, teacher_kernel, temperature, chunk,
+                            with_grads=True, kernel_grad=kernel_grad)
+    return sums, (dx.astype(x.dtype), dk, kernel)
 
 
-def _lce_bwd(chunk, kernel_grad, res, cotangents):
-    dx, dk, labels, valid, kernel = res
-    g = cotangents[0]  # the hit counts are not differentiable
+def _lce_bwd(temperature, chunk, kernel_grad, res, cotangents):
+    dx, dk, kernel = res
+    g = cotangents[0]  # only the objective is differentiable
     d_kernel = (g * dk).astype(kernel.dtype) if kernel_grad else jnp.zeros_like(kernel)
-    return (g.astype(dx.dtype) * dx, d_kernel, None, None)
+    return (g.astype(dx.dtype) * dx, d_kernel, None, None, None, None, None)
 
 
 linear_cross_entropy.defvjp(_lce_fwd, _lce_bwd)
@@ -175,7 +242,7 @@ linear_cross_entropy.defvjp(_lce_fwd, _lce_bwd)
 def medusa_loss(heads_config: HeadsConfig, config: LlamaConfig, base: Any, heads: Any, hidden: Array,
                 tokens: Array, loss_mask: Array, segment_ids: Array, *, weights: Sequence[float],
                 compute_dtype: Any = None, chunk: int | None = None, axis_name: str | None = None,
-                train_base: bool = False) -> tuple[Array, HeadStats]:
+                train_base: bool = False, teacher: Teacher | None = None) -> tuple[Array, HeadStats]:
     """The stage-1 loss of all heads from post-final-norm hidden states.
 
     Args:
@@ -192,8 +259,11 @@ def medusa_loss(heads_config: HeadsConfig, config: LlamaConfig, base: Any, heads
         masked mean (a mean of per-device means would over-weight devices with few valid targets).
       train_base: stage 2: gradients also flow into `hidden` and, for the shared projection, into the base
         lm_head (stage 1 treats both as constants).
+      teacher: soft targets (the teacher's distribution over token t + 2 + k, read at position t + 1 + k) instead
+        of the data's tokens; None = the data's tokens (the original Medusa-1 loss).
     Returns:
-      (loss, HeadStats) with stats summed over this call's (local) batch.
+      (loss, HeadStats) with stats summed over this call's (local) batch; the stats' `ce` is against the data's
+      tokens whatever the targets.
     """
     k_heads = heads_config.num_heads
     if len(weights) != k_heads:
@@ -205,21 +275,33 @@ def medusa_loss(heads_config: HeadsConfig, config: LlamaConfig, base: Any, heads
     labels, valid = head_targets(tokens, loss_mask, segment_ids, k_heads)  # [B, S, K]
     own = heads_config.projection == "own"
     shared_kernel = None if own else frozen(model.lm_head_kernel(config, base))  # [H, V]
-    ce, top1, top5 = [], [], []
+    t_hidden = t_kernel = t_ids = None
+    soft = teacher is not None and teacher.temperature > 0
+    if teacher is not None:
+        t_hidden = jax.lax.stop_gradient(teacher.hidden).astype(compute_dtype)
+        t_kernel = jax.lax.stop_gradient(teacher.kernel).astype(compute_dtype)
+        if not soft:  # argmax targets: one projection per position serves every head
+            t_ids = teacher_argmax(t_hidden, t_kernel, chunk)  # [B, S]
+    objective, ce, top1, top5 = [], [], [], []
     for k in range(k_heads):
         kernel = heads["proj"][k] if own else shared_kernel
+        # Head k's target token t + 2 + k is what the teacher predicts at position t + 1 + k.
         sums = linear_cross_entropy(states[:, :, k].astype(compute_dtype), kernel.astype(compute_dtype),
-                                    labels[..., k], valid[..., k], chunk, own or train_base)
-        ce.append(sums[0]), top1.append(sums[1]), top5.append(sums[2])
+                                    labels[..., k], valid[..., k],
+                                    None if t_ids is None else shift_left(t_ids, 1 + k),
+                                    shift_left(t_hidden, 1 + k) if soft else None, t_kernel if soft else None,
+                                    float(teacher.temperature) if soft else 1.0, chunk, own or train_base)
+        for acc, value in zip((objective, ce, top1, top5), sums):
+            acc.append(value)
     count = jnp.sum(valid, axis=(0, 1)).astype(jnp.float32)  # [K]
-    stats = HeadStats(ce=jnp.stack(ce), top1=jax.lax.stop_gradient(jnp.stack(top1)),
-                      top5=jax.lax.stop_gradient(jnp.stack(top5)), count=count)
+    sg = jax.lax.stop_gradient
+    stats = HeadStats(ce=sg(jnp.stack(ce)), top1=sg(jnp.stack(top1)), top5=sg(jnp.stack(top5)), count=count)
     denom, scale = count, 1.0
     if axis_name is not None:
         denom = jax.lax.psum(count, axis_name)
         scale = jax.lax.psum(1, axis_name)
-    loss = scale * jnp.sum(jnp.asarray(weights, jnp.float32) * stats.ce / jnp.maximum(denom, 1.0))
-    return loss, stats.replace(ce=jax.lax.stop_gradient(stats.ce))
+    loss = scale * jnp.sum(jnp.asarray(weights, jnp.float32) * jnp.stack(objective) / jnp.maximum(denom, 1.0))
+    return loss, stats
 
 
 def attention_mask(segment_ids: Array) -> Array:

@@ -84,9 +84,12 @@ def build_functions(bundle, hc: HeadsConfig, args, dp: DataParallel, optimizer):
     def loss_fn(params, base, batch, rng, axis_name):
         del rng  # stage 1 is deterministic
         hidden = batch["hidden"] if "hidden" in batch else jax.lax.stop_gradient(hidden_of(base, batch))
+        teacher = None
+        if args.head_targets == "teacher":  # the frozen base is its own teacher
+            teacher = losses.Teacher(hidden, model.lm_head_kernel(config, base), args.teacher_temperature)
         return losses.medusa_loss(hc, config, base, params, hidden, batch["tokens"], batch["loss_mask"],
                                   batch["segment_ids"], weights=weights, compute_dtype=bundle.dtype,
-                                  chunk=args.chunk or None, axis_name=axis_name)
+                                  chunk=args.chunk or None, axis_name=axis_name, teacher=teacher)
 
     def eval_fn(params, base, batch, *, axis_name=None):
         _, stats = loss_fn(params, base, batch, None, axis_name)
@@ -228,8 +231,11 @@ def format_summary(s: dict) -> str:
     """The readable end-of-run table."""
     hc = s["heads_config"]
     t = s["times"]
+    a = s.get("args", {})
+    targets = ("the base's distributions (temperature "
+               f"{a.get('teacher_temperature', 1.0):g})" if a.get("head_targets") == "teacher" else "the data's tokens")
     lines = [f"stage 1: {hc['num_heads']} heads x {hc['num_layers']} layer(s), {hc['projection']} projection, "
-             f"{s['step']} steps on {s['model_source']}",
+             f"targets {targets}, {s['step']} steps on {s['model_source']}",
              f"time: total {t['total_s']:.0f} s = load {t['load_s']:.0f} + data {t['data_s']:.0f} + hidden-state "
              f"cache {t['cache_s']:.0f} + train {t['train_s']:.0f} + eval {t['eval_s']:.0f} + decode "
              f"{t['accept_s']:.0f}"]

@@ -52,7 +52,8 @@ DEFAULTS = dict(cli_common.COMMON_DEFAULTS, lr=1e-5, from_run=None, head_lr_mult
 # at load average 5 (140 s at 8), plus about 3 minutes of teacher cache, guard, evaluation and decoding: ~15-18 min.
 DEFAULT_EPOCHS = 1
 FIXED_ON_RESUME = cli_common.COMMON_FIXED_ON_RESUME + ("from_run", "base_loss")
-INHERITED = ("model", "data", "seq_len", "seed", "holdout", "distill_prompts", "distill_tokens", "lambda_decay")
+INHERITED = ("model", "data", "seq_len", "seed", "holdout", "distill_prompts", "distill_tokens", "lambda_decay",
+             "head_targets", "teacher_temperature")
 
 
 # ------------------------------------------------------------------------------------------------ --from
@@ -204,7 +205,8 @@ def train(args, meta: dict | None = None) -> dict:
     optimizer, schedules = joint.make_joint_optimizer(ocfg, args.lr * args.head_lr_mult)
     lcfg = joint.JointLossConfig(lambda0=args.lambda0, decay=args.lambda_decay, warmup=args.lambda0_warmup,
                                  ramp_steps=max(1, int(round(args.lambda0_ramp * total_steps))),
-                                 base_loss=args.base_loss, chunk=args.chunk or None, remat=bool(args.remat))
+                                 base_loss=args.base_loss, chunk=args.chunk or None, remat=bool(args.remat),
+                                 head_targets=args.head_targets, teacher_temperature=args.teacher_temperature)
     # Host copies: the trained parameters must not share buffers with the teacher or the starting heads (the
     # step donates the state).
     start = jax.tree.map(lambda p: np.array(p, np.float32), {"base": teacher, "heads": heads})
