@@ -51,7 +51,7 @@ def bench_train(args, cfg, base, out: dict) -> None:
     bundle = Bundle(base=base, config=cfg, source="random")
     dp = DataParallel.create("mesh", 1)
     optimizer, _ = loop.make_optimizer(loop.OptimConfig(total_steps=1000))
-    fn_args = types.SimpleNamespace(lambda_decay=0.8, chunk=args.chunk)
+    fn_args = types.SimpleNamespace(**{**stage1.DEFAULTS, "chunk": args.chunk})  # the CLI defaults (loss etc.)
     train_step, _, _ = stage1.build_functions(bundle, hc, fn_args, dp, optimizer)
     dev_base = dp.replicate(base)
     kind = getattr(jax.devices()[0], "device_kind", "")

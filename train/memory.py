@@ -94,7 +94,7 @@ def stage1_step(config, hc: HeadsConfig, rows: int, seq_len: int, chunk: int) ->
     heads = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), heads)
     optimizer, _ = loop.make_optimizer(loop.OptimConfig(lr=1e-3, total_steps=1000))
     state = jax.eval_shape(lambda p: loop.TrainState.create(p, optimizer, 0), heads)
-    args = argparse.Namespace(lambda_decay=0.8, chunk=chunk, head_targets="data", teacher_temperature=1.0)
+    args = argparse.Namespace(**{**stage1.DEFAULTS, "chunk": chunk})  # the CLI defaults (loss weights, targets)
     train_step, _, _ = stage1.build_functions(Bundle(base=base, config=config), hc, args, dp, optimizer)
     t0 = time.monotonic()
     compiled = train_step.lower(state, base, abstract_batch(rows, seq_len)).compile()
