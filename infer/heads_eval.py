@@ -41,8 +41,9 @@ def _head_ranks(config: LlamaConfig, heads_config: HeadsConfig, ranks: int, base
 
 
 def head_accuracy(params: Bundle, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
-                  ranks: int = 10) -> tuple[np.ndarray, int]:
-    """Per-head, per-rank hit rates on the greedy continuations of `prompts`.
+                  ranks: int = 10, answers: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, int]:
+    """Per-head, per-rank hit rates on the greedy continuations of `prompts` (decoded here with plain decoding,
+    or given as `answers`, e.g. from greedy Medusa decoding, which yields the same tokens).
 
     Returns:
       accuracy: float [K, ranks]; accuracy[k, r] = P(rank r of head k equals the greedy token 2 + k ahead).
@@ -54,9 +55,11 @@ def head_accuracy(params: Bundle, prompts: Sequence[Sequence[int]], *, max_new_t
     k = params.heads_config.num_heads
     hits = np.zeros((k, ranks))
     counts = np.zeros(k)
-    for ids in prompts:
-        gen = generate_ids(params, [list(ids)], max_new_tokens=max_new_tokens, mode="ar")
-        answer = gen.tokens[0]
+    for i, ids in enumerate(prompts):
+        if answers is not None:
+            answer = list(answers[i])
+        else:
+            answer = generate_ids(params, [list(ids)], max_new_tokens=max_new_tokens, mode="ar").tokens[0]
         full = list(ids) + answer
         # Pad to a multiple of 64 so prompts of similar length share one compiled forward.
         length = -(-len(full) // 64) * 64
@@ -87,7 +90,8 @@ def tokens_per_step(params: Bundle, prompts: Sequence[Sequence[int]], tree, max_
     out = generate_ids(params, [list(p) for p in prompts], max_new_tokens=max_new_tokens, mode="greedy",
                        tree=tree, prefix_cache=False)
     ran = out.accepted >= 0  # [B, steps]: -1 once a row had stopped
-    return {"tokens": out.new_tokens, "row_steps": int(ran.sum()), "tokens_per_step": out.stats()["mean_accepted"]}
+    return {"tokens": out.new_tokens, "row_steps": int(ran.sum()), "tokens_per_step": out.stats()["mean_accepted"],
+            "answers": out.tokens}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -121,11 +125,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             if params.heads is None:
                 raise MedusaError(f"{heads or args.model}: no Medusa heads to evaluate; pass --heads PATH")
             prompts = [chat.render_prompt(params.tokenizer, t) for t in texts]
-            acc, count = head_accuracy(params, prompts, max_new_tokens=args.max_new_tokens)
-            row = {"heads": heads or "shipped", "positions": count, **topk_table(acc)}
-            if args.tree != "none":
-                row["tree"] = args.tree
-                row.update(tokens_per_step(params, prompts, args.tree, args.max_new_tokens))
+            row: dict = {"heads": heads or "shipped"}
+            answers = None
+            if args.tree != "none":  # greedy Medusa output is the plain greedy output: reuse it for the accuracy
+                decoded = tokens_per_step(params, prompts, args.tree, args.max_new_tokens)
+                answers = decoded.pop("answers")
+                row.update(tree=args.tree, **decoded)
+            acc, count = head_accuracy(params, prompts, max_new_tokens=args.max_new_tokens, answers=answers)
+            row.update(positions=count, **topk_table(acc))
             rows.append(row)
             print(json.dumps(row))
         k = max(len(r["top1"]) for r in rows)

@@ -83,17 +83,22 @@ def test_label_offsets_with_hand_built_logits():
     assert m["loss"][1] > 10.0  # wrong guesses at logit margin 50
 
 
+def _random_batch(projection: str, seed: int, b: int = 2, s: int = 9):
+    """3 perturbed heads and a random packed batch: (cfg, base, hc, heads, hidden, tokens, mask, seg, spare key)."""
+    cfg, base, hc, heads = _one_hot_setup(num_heads=3, projection=projection)
+    rng = jax.random.split(jax.random.PRNGKey(seed), 6)
+    heads = jax.tree.map(lambda p, r: p + 0.1 * jax.random.normal(r, p.shape), heads,
+                         dict(zip(heads, jax.random.split(rng[0], len(heads)))))
+    hidden = jax.random.normal(rng[1], (b, s, cfg.hidden_size))
+    tokens = jax.random.randint(rng[2], (b, s), 0, cfg.vocab_size)
+    mask = jax.random.bernoulli(rng[3], 0.7, (b, s))
+    seg = jnp.array([[1] * 5 + [2] * 4, [1] * 7 + [0] * 2])
+    return cfg, base, hc, heads, hidden, tokens, mask, seg, rng[4]
+
+
 def test_fused_loss_matches_head_logits_values_and_gradients():
     for projection, chunk in (("shared", None), ("own", None), ("shared", 3), ("own", 4)):
-        cfg, base, hc, heads = _one_hot_setup(num_heads=3, projection=projection)
-        rng = jax.random.split(jax.random.PRNGKey(7), 6)
-        heads = jax.tree.map(lambda p, r: p + 0.1 * jax.random.normal(r, p.shape), heads,
-                             dict(zip(heads, jax.random.split(rng[0], len(heads)))))
-        b, s = 2, 9
-        hidden = jax.random.normal(rng[1], (b, s, cfg.hidden_size))
-        tokens = jax.random.randint(rng[2], (b, s), 0, cfg.vocab_size)
-        mask = jax.random.bernoulli(rng[3], 0.7, (b, s))
-        seg = jnp.array([[1] * 5 + [2] * 4, [1] * 7 + [0] * 2])
+        cfg, base, hc, heads, hidden, tokens, mask, seg, _ = _random_batch(projection, seed=7)
         weights = losses.head_weights(3, 0.8)
 
         def fused(h):
@@ -133,17 +138,9 @@ def test_teacher_targets_match_a_naive_soft_cross_entropy():
     """Soft targets: values and gradients equal the full-logits reference (chunked or not, both projections, three
     temperatures); the reported ce, top-1 and top-5 stay those against the data's tokens."""
     for projection, chunk, temperature in (("shared", None, 1.0), ("own", 4, 0.5), ("shared", 3, 0.0)):
-        cfg, base, hc, heads = _one_hot_setup(num_heads=3, projection=projection)
-        rng = jax.random.split(jax.random.PRNGKey(11), 6)
-        heads = jax.tree.map(lambda p, r: p + 0.1 * jax.random.normal(r, p.shape), heads,
-                             dict(zip(heads, jax.random.split(rng[0], len(heads)))))
-        b, s = 2, 9
-        hidden = jax.random.normal(rng[1], (b, s, cfg.hidden_size))
-        t_hidden = 3.0 * jax.random.normal(rng[4], (b, s, cfg.hidden_size))
+        cfg, base, hc, heads, hidden, tokens, mask, seg, key = _random_batch(projection, seed=11)
+        t_hidden = 3.0 * jax.random.normal(key, hidden.shape)
         t_kernel = model.lm_head_kernel(cfg, base)
-        tokens = jax.random.randint(rng[2], (b, s), 0, cfg.vocab_size)
-        mask = jax.random.bernoulli(rng[3], 0.7, (b, s))
-        seg = jnp.array([[1] * 5 + [2] * 4, [1] * 7 + [0] * 2])
         weights = losses.head_weights(3, 0.8)
         teacher = losses.Teacher(t_hidden, t_kernel, temperature)
 
