@@ -123,15 +123,15 @@ def tree_paths(num_nodes: int, num_heads: int) -> list[tuple[int, ...]]:
 
 
 def step_runner(args, cfg, hc, base, heads, paths: list):
-    """The real decoding step (`infer.decode.step`, greedy) with tree `paths` (empty: plain decoding), batch 1,
-    `args.prompt_len` tokens cached, `args.decode_steps` steps in one jitted `lax.fori_loop`.
+    """The real decoding step (`infer.decode.step`, greedy) with tree `paths` (empty: plain decoding), batch
+    `args.batch` (default 1), `args.prompt_len` tokens cached, `args.decode_steps` steps in one jitted `lax.fori_loop`.
 
     Returns (run, run_args, info): `run(*run_args)` runs the steps and returns the whole loop state (so no part
     of the step is dead code); info has the tree's nodes, depth and the cache slots.
     """
     tree = build_tree(paths, num_heads=hc.num_heads, topk=max(max(p) for p in paths) + 1) if paths else \
         build_tree([], num_heads=0, topk=1)
-    capacity = args.capacity
+    capacity, b = args.capacity, getattr(args, "batch", 1)
     cache_len = -(-(args.prompt_len + capacity + tree.num_nodes) // 128) * 128  # as infer.api sizes it
     spec = DecodeSpec(config=cfg, heads_config=hc if tree.max_depth else None, tree=tree, rule="greedy",
                       use_top_p=False, capacity=capacity, cache_len=cache_len, stop_ids=(),
@@ -140,13 +140,13 @@ def step_runner(args, cfg, hc, base, heads, paths: list):
     scalars = (jnp.int32(capacity), jnp.float32(0.0), jnp.float32(1.0))
     # The loop carry as the prefill would leave it (shapes from eval_shape, so nothing is compiled for the prefill);
     # cache contents do not change the cost of a step.
-    prompt = jax.ShapeDtypeStruct((1, args.prompt_len), jnp.int32)
-    cache = jax.eval_shape(lambda: model.init_cache(cfg, 1, cache_len, base_dtype(base)))
+    prompt = jax.ShapeDtypeStruct((b, args.prompt_len), jnp.int32)
+    cache = jax.eval_shape(lambda: model.init_cache(cfg, b, cache_len, base_dtype(base)))
     shapes = jax.eval_shape(functools.partial(decode.prefill, spec), base, use_heads, prompt,
-                            jax.ShapeDtypeStruct((1,), jnp.int32), cache,
+                            jax.ShapeDtypeStruct((b,), jnp.int32), cache,
                             *scalars, jax.random.PRNGKey(0))
     state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    state = state.replace(length=jnp.full((1,), args.prompt_len, jnp.int32), rng=jax.random.PRNGKey(0))
+    state = state.replace(length=jnp.full((b,), args.prompt_len, jnp.int32), rng=jax.random.PRNGKey(0))
     n = args.decode_steps
 
     @jax.jit
@@ -154,7 +154,7 @@ def step_runner(args, cfg, hc, base, heads, paths: list):
         return jax.lax.fori_loop(0, n, lambda i, s: decode.step(spec, base, heads, s, *scalars), st)
 
     info = {"nodes": tree.num_nodes, "depth": tree.max_depth, "cache_len": cache_len,
-            "live_window": spec.live_window}
+            "live_window": spec.live_window, "batch": int(state.length.shape[0])}
     return run, (base, use_heads, state), info
 
 

@@ -3,7 +3,7 @@
     python bench/step_profile.py                                  # plain decoding, SmolLM2 shape, 512 cached tokens
     python bench/step_profile.py --nodes 4 --prompt-len 1536      # a 4-node tree step over a longer cache
 
-Runs `infer.decode.step` (greedy, batch 1, random weights of the `--config` shape) as `bench/gpu_7b.py` times
+Runs `infer.decode.step` (greedy, batch `--batch`, random weights of the `--config` shape) as `bench/gpu_7b.py` times
 it, inside a `lax.fori_loop` of `--decode-steps` steps, then profiles a few more runs with `jax.profiler` and
 XLA's per-thunk trace events (`--xla_cpu_enable_xprof_traceme`). Operations are grouped by their HLO name
 without the numeric suffix (`dot` for the weight matmuls, `ynn_fusion` or `dot_general` for the attention
@@ -102,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--config", default="smollm2_135m", help="model shape preset (default smollm2_135m)")
     p.add_argument("--dtype", default="float32", help="weight dtype (default float32)")
     p.add_argument("--nodes", type=int, default=1, help="tree nodes; 1 = plain decoding (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--prompt-len", type=int, default=512, help="tokens in the cache (default 512)")
     p.add_argument("--capacity", type=int, default=128, help="output capacity the cache is sized for (default 128)")
     p.add_argument("--decode-steps", type=int, default=20, help="steps per timed run (default 20)")
@@ -112,10 +113,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--top", type=int, default=12, help="op kinds listed (default 12)")
     args = p.parse_args(argv)
     with cli_errors():
-        if args.nodes < 1 or args.prompt_len < 1 or args.decode_steps < 1 or args.profile_runs < 1:
-            raise MedusaError("--nodes, --prompt-len, --decode-steps and --profile-runs must be positive")
+        if min(args.nodes, args.batch, args.prompt_len, args.decode_steps, args.profile_runs) < 1:
+            raise MedusaError("--nodes, --batch, --prompt-len, --decode-steps and --profile-runs must be positive")
         res = profile(args)
-    print(f"{res['config']}, {args.dtype}, {res['nodes']} node(s), {args.prompt_len} tokens cached, "
+    print(f"{res['config']}, {args.dtype}, batch {args.batch}, {res['nodes']} node(s), {args.prompt_len} tokens cached, "
           f"{res['cache_len']} cache slots ({'live window' if res['live_window'] else 'full window'}): step {res['step_ms']:.2f} ms (best of {args.repeats}, unprofiled); "
           f"{jax.devices()[0].device_kind}")
     print("| op kind | ms per step | calls per step | us per call |")

@@ -68,11 +68,12 @@ def _compact(cache: model.KVCache, start: Array, slots: Array) -> model.KVCache:
     index = _cache_index(start)
     out = []
     rows = jnp.repeat(slots, cache[0][0].shape[0] // slots.shape[0], axis=0)  # [B*Kv, D+1]: each KV head's row
-    for keys, values in cache:  # [B*Kv, S, Dh], [B*Kv, Dh, S]
+    ka, va = model.KEY_SLOT_AXIS, model.VALUE_SLOT_AXIS
+    for keys, values in cache:  # [B*Kv, Dh, S], [B*Kv, S, Dh]
         # Gather first, then write: sources (start + node) are never below their destinations (start + depth).
-        k_path = jnp.take_along_axis(keys, rows[:, :, None], axis=1)  # [B*Kv, D+1, Dh]
-        v_path = jnp.take_along_axis(values, rows[:, None, :], axis=2)  # [B*Kv, Dh, D+1]
-        out.append((model.write_cache(keys, k_path, index, 1), model.write_cache(values, v_path, index, 2)))
+        k_path = jnp.take_along_axis(keys, rows[:, None, :], axis=ka)  # [B*Kv, Dh, D+1]
+        v_path = jnp.take_along_axis(values, rows[:, :, None], axis=va)  # [B*Kv, D+1, Dh]
+        out.append((model.write_cache(keys, k_path, index, ka), model.write_cache(values, v_path, index, va)))
     return tuple(out)
 
 

@@ -103,7 +103,7 @@ def take(config: Any, base: Any, prompt: Sequence[int], pool: dict, chunk: int, 
         if pool.get(entry.pool_key) is entry.cache:
             del pool[entry.pool_key]
     cache = entry.cache
-    return reused, (cache if cache[0][0].shape[1] == slots else _fit(cache, slots))
+    return reused, (cache if cache[0][0].shape[model.KEY_SLOT_AXIS] == slots else _fit(cache, slots))
 
 
 def holds(cache: model.KVCache | None) -> bool:
@@ -114,7 +114,7 @@ def holds(cache: model.KVCache | None) -> bool:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _fit(cache: model.KVCache, slots: int) -> model.KVCache:
-    """The cache cut or zero-padded to `slots` slots (keys [R, S, D] on axis 1, values [R, D, S] on axis 2)."""
+    """The cache cut or zero-padded to `slots` slots (along `model.KEY_SLOT_AXIS` / `VALUE_SLOT_AXIS`)."""
 
     def fit(x: jax.Array, axis: int) -> jax.Array:
         if x.shape[axis] >= slots:
@@ -123,4 +123,4 @@ def _fit(cache: model.KVCache, slots: int) -> model.KVCache:
         pad[axis] = (0, slots - x.shape[axis])
         return jnp.pad(x, pad)
 
-    return tuple((fit(k, 1), fit(v, 2)) for k, v in cache)
+    return tuple((fit(k, model.KEY_SLOT_AXIS), fit(v, model.VALUE_SLOT_AXIS)) for k, v in cache)

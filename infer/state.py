@@ -68,7 +68,7 @@ class DecodeState:
     """Loop carry of one batched generation.
 
     Attributes:
-      cache: per-layer (keys [B*Kv, S, Dh], values [B*Kv, Dh, S]).
+      cache: per-layer (keys [B*Kv, Dh, S], values [B*Kv, S, Dh]).
       length: int32 [B]; tokens in the cache. The root, already emitted, sits at position `length`.
       root: int32 [B]; the next tree's root token.
       drafts: int32 [B, Kd, k]; each head's top-k tokens from the hidden state at the last accepted node.

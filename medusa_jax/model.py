@@ -26,10 +26,12 @@ import jax.numpy as jnp
 from medusa_jax.config import HeadsConfig, LlamaConfig
 
 Array = jax.Array
-# Per layer (keys [B*Kv, S, D], values [B*Kv, D, S]); post-RoPE keys; row b*Kv + h is sequence b, KV head h.
-# These are the layouts XLA's CPU dots read as stored, with one batch axis: a [B, S, Kv, D] cache made XLA transpose
-# (copy) every layer's whole cache on every decode step, and a separate size-1 batch axis made it duplicate each
-# cache write into a reshaped copy of the whole cache (see BENCHMARKS.md, "KV-cache layout").
+# Per layer (keys [B*Kv, D, S], values [B*Kv, S, D]); post-RoPE keys; row b*Kv + h is sequence b, KV head h.
+# One batch axis: a [B, S, Kv, D] cache made XLA transpose (copy) every layer's whole cache on every decode step,
+# and a separate size-1 batch axis made it duplicate each cache write into a reshaped copy of the whole cache. Keys
+# with the slot axis last and values with it in the middle are what XLA's CPU batched dots read fastest: both
+# products then stream [D, S] / [S, D] panels with S as the long axis (BENCHMARKS.md, "KV-cache layout").
+KEY_SLOT_AXIS, VALUE_SLOT_AXIS = 2, 1
 KVCache = tuple[tuple[Array, Array], ...]
 _NEG_INF = -1e30  # a large finite negative: a fully masked row gives a uniform softmax instead of NaN
 
@@ -69,8 +71,8 @@ def rope(x: Array, positions: Array, theta: float, scaling: float | None) -> Arr
 def write_cache(cache: Array, new: Array, index: Array, slot_axis: int) -> Array:
     """Writes `new` into `cache` at slots [index, index + T) along `slot_axis`.
 
-    `new` has the cache's layout with T slots (keys [B*Kv, T, D] into [B*Kv, S, D] with slot_axis 1, values
-    [B*Kv, D, T] into [B*Kv, D, S] with slot_axis 2). `index` is a scalar (one slot for the whole batch: the
+    `new` has the cache's layout with T slots (keys [B*Kv, D, T] into [B*Kv, D, S] with slot_axis
+    KEY_SLOT_AXIS, values [B*Kv, T, D] into [B*Kv, S, D] with VALUE_SLOT_AXIS). `index` is a scalar (one slot for the whole batch: the
     batch-1 fast path, a single dynamic_update_slice) or [B].
     """
     new = new.astype(cache.dtype)
@@ -85,13 +87,19 @@ def write_cache(cache: Array, new: Array, index: Array, slot_axis: int) -> Array
 
 WINDOW_BLOCK = 128  # live-window granularity in cache slots (`window_sizes`)
 MAX_WINDOWS = 16  # at most this many window sizes per cache length: branches of one `lax.switch` per layer
+# A window is a static slice, which XLA copies before the attention products read it: reading a window of W slots
+# costs about what attending over 2-3 W slots would, so windows beyond half the cache are dropped and such steps
+# attend over every slot (BENCHMARKS.md, "KV-cache layout, second round").
+WINDOW_MAX_FRACTION = 0.5
 
 
 def window_sizes(slots: int) -> tuple[int, ...]:
-    """The attention windows a cache of `slots` slots offers: multiples of a block (128 slots, coarser for caches
-    beyond 16 blocks), ending at `slots`. A decoding step attends over the smallest one holding every live slot."""
-    block = WINDOW_BLOCK * -(-slots // (WINDOW_BLOCK * MAX_WINDOWS))
-    return tuple(range(block, slots, block)) + (slots,)
+    """The attention windows a cache of `slots` slots offers: multiples of a block (128 slots, coarser for long
+    caches) up to half the cache, then the whole cache. A decoding step attends over the smallest one holding
+    every live slot."""
+    limit = int(slots * WINDOW_MAX_FRACTION)
+    block = WINDOW_BLOCK * max(1, -(-limit // (WINDOW_BLOCK * (MAX_WINDOWS - 1))))
+    return tuple(range(block, limit + 1, block)) + (slots,)
 
 
 def attend(q: Array, keys: Array, values: Array, mask: Array, scale: float) -> Array:
@@ -99,18 +107,18 @@ def attend(q: Array, keys: Array, values: Array, mask: Array, scale: float) -> A
 
     Args:
       q: [B*Kv, G*T, D] queries, grouped by KV head (row b*Kv + h), rows ordered (group member, token).
-      keys: [B*Kv, S, D]; values: [B*Kv, D, S]; mask: [B, T, S] bool, True where token t may attend slot s.
+      keys: [B*Kv, D, S]; values: [B*Kv, S, D]; mask: [B, T, S] bool, True where token t may attend slot s.
     Returns:
       [B*Kv, G*T, D].
     """
     rows, gt, d = q.shape
     b, t, s = mask.shape
     kv_heads, g = rows // b, gt // t
-    scores = jnp.einsum("nqd,nsd->nqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("nqd,nds->nqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kv_heads, g, t, s) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(rows, gt, s)
-    return jnp.einsum("nqs,nds->nqd", probs, values)
+    return jnp.einsum("nqs,nsd->nqd", probs, values)
 
 
 def attend_window(q: Array, keys: Array, values: Array, mask: Array, scale: float,
@@ -123,12 +131,12 @@ def attend_window(q: Array, keys: Array, values: Array, mask: Array, scale: floa
     is None (all slots), a Python int (a static slice) or a traced scalar: then `lax.switch` runs the branch
     of the smallest `window_sizes` entry >= window, each branch a static slice of the same cache buffers.
     """
-    s = keys.shape[1]
+    s = keys.shape[KEY_SLOT_AXIS]
     if window is None:
         return attend(q, keys, values, mask, scale)
     if isinstance(window, int):
         w = min(max(window, 1), s)
-        return attend(q, keys[:, :w], values[:, :, :w], mask[..., :w], scale)
+        return attend(q, keys[:, :, :w], values[:, :w], mask[..., :w], scale)
     sizes = window_sizes(s)
     if len(sizes) == 1:
         return attend(q, keys, values, mask, scale)
@@ -142,7 +150,7 @@ def _window_branches(sizes: tuple[int, ...], scale: float) -> tuple:
     """`attend_window`'s switch branches, one per window size: the same function objects for every layer, so
     that JAX traces each branch once per shape rather than once per layer."""
     def branch(w: int):
-        return lambda q, k, v, m: attend(q, k[:, :w], v[:, :, :w], m[..., :w], scale)
+        return lambda q, k, v, m: attend(q, k[:, :, :w], v[:, :w], m[..., :w], scale)
     return tuple(branch(w) for w in sizes)
 
 
@@ -169,11 +177,11 @@ class Attention(nn.Module):
         k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, Kv, D]
         q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
         k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
-        keys = k.transpose(0, 2, 1, 3).reshape(b * kv_heads, t, d)  # [B*Kv, T, D]
-        values = v.transpose(0, 2, 3, 1).reshape(b * kv_heads, d, t)  # [B*Kv, D, T]
+        keys = k.transpose(0, 2, 3, 1).reshape(b * kv_heads, d, t)  # [B*Kv, D, T]
+        values = v.transpose(0, 2, 1, 3).reshape(b * kv_heads, t, d)  # [B*Kv, T, D]
         if kv is not None:
-            keys = write_cache(kv[0], keys, cache_index, 1)  # [B*Kv, S, D]
-            values = write_cache(kv[1], values, cache_index, 2)  # [B*Kv, D, S]
+            keys = write_cache(kv[0], keys, cache_index, KEY_SLOT_AXIS)  # [B*Kv, D, S]
+            values = write_cache(kv[1], values, cache_index, VALUE_SLOT_AXIS)  # [B*Kv, S, D]
             kv = (keys, values)
         q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g * t, d)  # [B*Kv, G*T, D]
         out = attend_window(q, keys, values, mask, 1 / math.sqrt(d), window)  # [B*Kv, G*T, D]
@@ -237,7 +245,7 @@ class Llama(nn.Module):
           tokens: [B, T] int token ids.
           positions: [B, T] int absolute positions (RoPE).
           mask: [B, T, S] bool, True where query t may attend slot s. S is the cache length, or T without a cache.
-          cache: per-layer (keys [B*Kv, S, D], values [B*Kv, D, S]), or None for a cache-free causal forward.
+          cache: per-layer (keys [B*Kv, D, S], values [B*Kv, S, D]), or None for a cache-free causal forward.
           cache_index: scalar or [B] int, the slot where this call's T new entries are written.
           window: None (read every slot), or a bound such that no query attends a slot >= window. A Python int
             reads exactly slots [0, window); an int scalar array reads the smallest of `window_sizes(S)` covering
@@ -296,9 +304,9 @@ def causal_mask(batch: int, length: int) -> Array:
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
-    """A zeroed KV cache of `length` slots: per layer (keys [B*Kv, length, D], values [B*Kv, D, length])."""
+    """A zeroed KV cache of `length` slots: per layer (keys [B*Kv, D, length], values [B*Kv, length, D])."""
     rows, d = batch * config.num_kv_heads, config.head_dim
-    return tuple((jnp.zeros((rows, length, d), dtype), jnp.zeros((rows, d, length), dtype))
+    return tuple((jnp.zeros((rows, d, length), dtype), jnp.zeros((rows, length, d), dtype))
                  for _ in range(config.num_layers))
 
 

@@ -284,12 +284,15 @@ def test_step_profile_groups_the_real_step_by_op_kind(capsys):
 
     res = step_profile.main(["--config", "tiny", "--prompt-len", "200", "--capacity", "64", "--decode-steps", "3",
                              "--repeats", "1", "--profile-runs", "1"])
-    assert res["cache_len"] == 384 and len(model.window_sizes(384)) == 3
+    assert res["cache_len"] == 384 and len(model.window_sizes(384)) == 2
     ops = {r["op"]: r for r in res["ops"]}
     assert ops["dot"]["calls_per_step"] >= 4 * tiny().num_layers  # qkv, o, gate_up, down in every layer
     assert not any(op.startswith(("while", "cond")) for op in ops), sorted(ops)
     assert res["step_ms"] > 0 and res["profiled_ms_per_step"] > 0
     assert "| dot |" in capsys.readouterr().out
+    batched = step_profile.main(["--config", "tiny", "--batch", "3", "--prompt-len", "20", "--capacity", "8",
+                                 "--decode-steps", "2", "--repeats", "1", "--profile-runs", "1"])
+    assert batched["batch"] == 3 and batched["profiled_ms_per_step"] > 0  # rows of the decoded state
 
 
 def test_step_profile_leaves_out_control_flow_by_opcode_only():

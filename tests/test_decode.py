@@ -183,7 +183,7 @@ def test_long_generation_through_the_attention_windows(tree):
     window) and a short one that goes on through several windows; both equal plain greedy decoding, and the long
     run equals the argmax of a cache-free forward at every token."""
     bundle, max_new, slots = rand(), 300, 640
-    assert model.window_sizes(slots) == (128, 256, 384, 512, 640)  # the short row crosses 128 and 256
+    assert model.window_sizes(slots) == (128, 256, 640)  # the short row crosses 128 and 256
     long_prompt, short = [(7 * i + 2) % 200 + 1 for i in range(180)], PROMPTS[20]
     head = reference("rand", tuple(long_prompt), 12)
     cut = next(i for i in range(4, 12) if head[i] not in head[:i])  # stop the long row at its (cut+1)-th token
@@ -220,17 +220,20 @@ def test_attention_window_equals_full_attention():
     window are masked, for windows at and around the block boundaries (every query sees slot 0, as every decoding
     query sees at least itself: a fully masked row is uniform over the slots read)."""
     rng = np.random.default_rng(0)
-    b, kv, g, t, d, s = 2, 3, 2, 4, 8, 384
+    b, kv, g, t, d, s = 2, 3, 2, 4, 8, 512
     q = jnp.asarray(rng.standard_normal((b * kv, g * t, d)), jnp.float32)
-    keys = jnp.asarray(rng.standard_normal((b * kv, s, d)), jnp.float32)
-    values = jnp.asarray(rng.standard_normal((b * kv, d, s)), jnp.float32)
+    keys = jnp.asarray(rng.standard_normal((b * kv, d, s)), jnp.float32)  # model.KEY_SLOT_AXIS = 2
+    values = jnp.asarray(rng.standard_normal((b * kv, s, d)), jnp.float32)
     windowed = jax.jit(lambda m, w: model.attend_window(q, keys, values, m, 0.3, w))
-    assert model.window_sizes(s) == (128, 256, 384)
-    for live in (1, 127, 128, 129, 256, 300, 384):
+    assert model.window_sizes(s) == (128, 256, 512)
+    for live in (1, 127, 128, 129, 255, 256, 257, 300, 512):
         mask = jnp.asarray(rng.random((b, t, s)) < 0.7) & (jnp.arange(s) < live) | (jnp.arange(s) == 0)
         full = model.attend(q, keys, values, mask, 0.3)
         np.testing.assert_allclose(windowed(mask, jnp.int32(live)), full, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(model.attend_window(q, keys, values, mask, 0.3, live), full, rtol=1e-6,
                                    atol=1e-6)
-    assert len(model.window_sizes(4096)) == model.MAX_WINDOWS and model.window_sizes(4096)[-1] == 4096
-    assert model.window_sizes(100) == (100,)
+    for slots in (4096, 32768, 131072):  # windows up to half the cache, then all of it; at most MAX_WINDOWS
+        sizes = model.window_sizes(slots)
+        assert len(sizes) <= model.MAX_WINDOWS and sizes[-1] == slots and sizes[-2] <= slots // 2
+        assert sizes[-2] > slots // 2 - sizes[0] and all(w % model.WINDOW_BLOCK == 0 for w in sizes[:-1])
+    assert model.window_sizes(100) == (100,) and model.window_sizes(255) == (255,)
