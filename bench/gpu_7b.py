@@ -123,7 +123,7 @@ def tree_paths(num_nodes: int, num_heads: int) -> list[tuple[int, ...]]:
 
 
 def step_runner(args, cfg, hc, base, heads, paths: list):
-    """The real decoding step (`infer.decode.step`, greedy) with tree `paths` (empty: plain decoding), batch
+    """The real decoding step (`infer.decode.step`, greedy unless `args.temperature`) with tree `paths` (empty: plain decoding), batch
     `args.batch` (default 1), `args.prompt_len` tokens cached, `args.decode_steps` steps in one jitted `lax.fori_loop`.
 
     Returns (run, run_args, info): `run(*run_args)` runs the steps and returns the whole loop state (so no part
@@ -132,12 +132,13 @@ def step_runner(args, cfg, hc, base, heads, paths: list):
     tree = build_tree(paths, num_heads=hc.num_heads, topk=max(max(p) for p in paths) + 1) if paths else \
         build_tree([], num_heads=0, topk=1)
     capacity, b = args.capacity, getattr(args, "batch", 1)
+    temperature, top_p = getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0)  # step_profile's options
     cache_len = -(-(args.prompt_len + capacity + tree.num_nodes) // 128) * 128  # as infer.api sizes it
-    spec = DecodeSpec(config=cfg, heads_config=hc if tree.max_depth else None, tree=tree, rule="greedy",
-                      use_top_p=False, capacity=capacity, cache_len=cache_len, stop_ids=(),
-                      live_window=not getattr(args, "full_window", False))
+    spec = DecodeSpec(config=cfg, heads_config=hc if tree.max_depth else None, tree=tree,
+                      rule="sample" if temperature > 0 else "greedy", use_top_p=top_p < 1, capacity=capacity,
+                      cache_len=cache_len, stop_ids=(), live_window=not getattr(args, "full_window", False))
     use_heads = heads if tree.max_depth else None
-    scalars = (jnp.int32(capacity), jnp.float32(0.0), jnp.float32(1.0))
+    scalars = (jnp.int32(capacity), jnp.float32(temperature), jnp.float32(top_p))
     # The loop carry as the prefill would leave it (shapes from eval_shape, so nothing is compiled for the prefill);
     # cache contents do not change the cost of a step.
     prompt = jax.ShapeDtypeStruct((b, args.prompt_len), jnp.int32)

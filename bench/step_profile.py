@@ -3,7 +3,7 @@
     python bench/step_profile.py                                  # plain decoding, SmolLM2 shape, 512 cached tokens
     python bench/step_profile.py --nodes 4 --prompt-len 1536      # a 4-node tree step over a longer cache
 
-Runs `infer.decode.step` (greedy, batch `--batch`, random weights of the `--config` shape) as `bench/gpu_7b.py` times
+Runs `infer.decode.step` (greedy or `--temperature`/`--top-p` sampling, batch `--batch`, random weights of the `--config` shape) as `bench/gpu_7b.py` times
 it, inside a `lax.fori_loop` of `--decode-steps` steps, then profiles a few more runs with `jax.profiler` and
 XLA's per-thunk trace events (`--xla_cpu_enable_xprof_traceme`). Operations are grouped by their HLO name
 without the numeric suffix (`dot` for the weight matmuls, `ynn_fusion` or `dot_general` for the attention
@@ -103,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float32", help="weight dtype (default float32)")
     p.add_argument("--nodes", type=int, default=1, help="tree nodes; 1 = plain decoding (default 1)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus for sampling (default 1.0: no nucleus)")
     p.add_argument("--prompt-len", type=int, default=512, help="tokens in the cache (default 512)")
     p.add_argument("--capacity", type=int, default=128, help="output capacity the cache is sized for (default 128)")
     p.add_argument("--decode-steps", type=int, default=20, help="steps per timed run (default 20)")
@@ -115,8 +117,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with cli_errors():
         if min(args.nodes, args.batch, args.prompt_len, args.decode_steps, args.profile_runs) < 1:
             raise MedusaError("--nodes, --batch, --prompt-len, --decode-steps and --profile-runs must be positive")
+        if not (args.temperature >= 0 and 0 < args.top_p <= 1):
+            raise MedusaError(f"--temperature {args.temperature} must be >= 0 and --top-p {args.top_p} in (0, 1]")
         res = profile(args)
-    print(f"{res['config']}, {args.dtype}, batch {args.batch}, {res['nodes']} node(s), {args.prompt_len} tokens cached, "
+    sampling = f"T={args.temperature:g} top-p {args.top_p:g}" if args.temperature > 0 else "greedy"
+    print(f"{res['config']}, {args.dtype}, batch {args.batch}, {sampling}, {res['nodes']} node(s), {args.prompt_len} tokens cached, "
           f"{res['cache_len']} cache slots ({'live window' if res['live_window'] else 'full window'}): step {res['step_ms']:.2f} ms (best of {args.repeats}, unprofiled); "
           f"{jax.devices()[0].device_kind}")
     print("| op kind | ms per step | calls per step | us per call |")

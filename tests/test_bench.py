@@ -290,9 +290,11 @@ def test_step_profile_groups_the_real_step_by_op_kind(capsys):
     assert not any(op.startswith(("while", "cond")) for op in ops), sorted(ops)
     assert res["step_ms"] > 0 and res["profiled_ms_per_step"] > 0
     assert "| dot |" in capsys.readouterr().out
-    batched = step_profile.main(["--config", "tiny", "--batch", "3", "--prompt-len", "20", "--capacity", "8",
+    batched = step_profile.main(["--config", "tiny", "--batch", "3", "--temperature", "1", "--top-p", "0.9",
+                                 "--prompt-len", "20", "--capacity", "8",
                                  "--decode-steps", "2", "--repeats", "1", "--profile-runs", "1"])
     assert batched["batch"] == 3 and batched["profiled_ms_per_step"] > 0  # rows of the decoded state
+    assert "T=1 top-p 0.9" in capsys.readouterr().out
 
 
 def test_step_profile_leaves_out_control_flow_by_opcode_only():

@@ -59,6 +59,7 @@ def test_cli_tiny_writes_chat_jsonl_and_resumes(tmp_path, capsys):
     assert 0 < stats.tokens <= 2 * 6
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("distill: 2 prompts") and str(out) in summary
+    assert "writing prompts" not in summary and stats.prompt_seconds == 0  # given prompts: none written
     assert not os.path.exists(str(out) + ".tmp")
 
     # Resume with more prompts: the answered ones are skipped, the file is extended, old lines stay as they were.
@@ -75,10 +76,11 @@ def test_cli_tiny_writes_chat_jsonl_and_resumes(tmp_path, capsys):
     assert [r["messages"][0]["content"] for r in _check_chat_jsonl(out)] == QUESTIONS[2:]
 
 
-def test_cli_tiny_self_generated_prompts(tmp_path):
+def test_cli_tiny_self_generated_prompts(tmp_path, capsys):
     out = tmp_path / "self.jsonl"
     stats = distill.main(["--model", "tiny", "--out", str(out), "--num-prompts", "2", "--max-new-tokens", "4",
                           "--batch-size", "2", "--no-progress"])
+    assert f"{stats.prompt_seconds:.0f} s writing prompts" in capsys.readouterr().out and stats.prompt_seconds > 0
     records = _check_chat_jsonl(out)
     questions = [r["messages"][0]["content"] for r in records]
     assert len(records) == stats.answered <= 2

@@ -134,6 +134,23 @@ def test_target_probs_matches_numpy_statement():
     assert (kept.sum(-1) == 1).all() and (kept.argmax(-1) == logits.argmax(-1)).all()
 
 
+def test_nucleus_search_equals_the_sorted_statement_with_ties():
+    """`top_p_keep` (a bisection, no sort) keeps exactly the sorted statement's nucleus, ties at the cutoff
+    included, on rows of a real vocabulary size with many tied probabilities, zeros and a one-hot row."""
+    rng = np.random.default_rng(0)
+    logits = np.round(rng.standard_normal((6, 4096)) * 4) / 2  # steps of 0.5: many exact ties
+    logits[1, :2000] = -np.inf  # zero probabilities
+    logits[2] = -np.inf
+    logits[2, 7] = 0.0  # all mass on one token
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+    for top_p in (1e-6, 0.1, 0.5, 0.9, 0.95, 0.999):
+        got = np.asarray(jax.jit(sampling.top_p_keep)(probs, top_p))
+        want = _target(np.log(np.maximum(probs.astype(np.float64), 1e-300)), 1.0, top_p) > 0  # ties kept
+        np.testing.assert_array_equal(got & (probs > 0), want, err_msg=f"top_p={top_p}")
+        assert got[np.arange(6), probs.argmax(-1)].all()
+
+
 @pytest.mark.parametrize("mode", ["sample", "typical"])
 def test_proposed_counts_bound_accepted(mode):
     """Per step: 0 <= accepted <= proposed <= tree depth (3); sampling proposes exactly one more than it accepts

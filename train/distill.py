@@ -52,7 +52,8 @@ _MAX_PROMPT_ROUNDS = 6  # rounds of self-prompting before settling for fewer uni
 class DistillStats:
     """Counts for the summary line: prompts used (after de-duplication); answered now / found in the output file
     (resumed) / dropped (no usable answer); answers (turns); tokens: generated answer tokens (incl. the stop
-    token) this run; seconds: time spent answering (not loading or writing prompts)."""
+    token) this run; seconds: time spent answering (not loading or writing prompts); prompt_seconds: time the
+    model spent writing its own prompts (0 with given prompts)."""
 
     prompts: int = 0
     answered: int = 0
@@ -61,6 +62,7 @@ class DistillStats:
     tokens: int = 0
     dropped: int = 0
     seconds: float = 0.0
+    prompt_seconds: float = 0.0
 
 
 def _generate(params: Any, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
@@ -202,9 +204,12 @@ def distill_with_stats(params: Any, prompts: Sequence[Any] | None = None, *, num
     import tqdm
 
     check_settings(max_new_tokens, batch_size, temperature, top_p, num_prompts)
+    prompt_seconds = 0.0
     if prompts is None:
+        start = time.monotonic()
         prompts = _own_prompts(params, num_prompts or DEFAULT_NUM_PROMPTS, out, resume, seed=seed,
                                batch_size=batch_size, template=template, progress=progress)
+        prompt_seconds = time.monotonic() - start
     else:
         prompts = list(prompts)[:num_prompts]
     start = time.monotonic()
@@ -218,7 +223,7 @@ def distill_with_stats(params: Any, prompts: Sequence[Any] | None = None, *, num
             items.append(item)
     if len(items) < len(prompts):
         log.warning("dropped %d repeated prompts (same system + first user turn)", len(prompts) - len(items))
-    stats = DistillStats(prompts=len(items))
+    stats = DistillStats(prompts=len(items), prompt_seconds=prompt_seconds)
     previous = answered_in(out) if (out and resume) else {}
     results: list[list[dict] | None] = [previous.get(P.prompt_key(p)) for p in items]
     stats.resumed = sum(r is not None for r in results)
@@ -363,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> DistillStats:
     rate = stats.tokens / stats.seconds if stats.seconds else 0.0
     print(f"distill: {stats.prompts} prompts, {stats.answered} answered now ({stats.resumed} already in the file, "
           f"{stats.dropped} dropped), {stats.answers} answers, {stats.tokens} tokens; {seconds:.0f} s in all, "
-          f"{stats.seconds:.0f} s answering ({rate:.1f} tokens/s) -> {out}")
+          + (f"{stats.prompt_seconds:.0f} s writing prompts, " if items is None else "")
+          + f"{stats.seconds:.0f} s answering ({rate:.1f} tokens/s) -> {out}")
     return stats
 
 
