@@ -123,8 +123,9 @@ def tree_paths(num_nodes: int, num_heads: int) -> list[tuple[int, ...]]:
 
 
 def step_runner(args, cfg, hc, base, heads, paths: list):
-    """The real decoding step (`infer.decode.step`, greedy unless `args.temperature`) with tree `paths` (empty: plain decoding), batch
-    `args.batch` (default 1), `args.prompt_len` tokens cached, `args.decode_steps` steps in one jitted `lax.fori_loop`.
+    """The real decoding step (`infer.decode.step`, greedy unless `args.temperature`) with tree `paths` (empty:
+    plain decoding), batch `args.batch` (default 1), `args.prompt_len` tokens cached, `args.decode_steps` steps in
+    one jitted `lax.fori_loop`.
 
     Returns (run, run_args, info): `run(*run_args)` runs the steps and returns the whole loop state (so no part
     of the step is dead code); info has the tree's nodes, depth and the cache slots.

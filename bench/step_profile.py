@@ -3,13 +3,13 @@
     python bench/step_profile.py                                  # plain decoding, SmolLM2 shape, 512 cached tokens
     python bench/step_profile.py --nodes 4 --prompt-len 1536      # a 4-node tree step over a longer cache
 
-Runs `infer.decode.step` (greedy or `--temperature`/`--top-p` sampling, batch `--batch`, random weights of the `--config` shape) as `bench/gpu_7b.py` times
-it, inside a `lax.fori_loop` of `--decode-steps` steps, then profiles a few more runs with `jax.profiler` and
-XLA's per-thunk trace events (`--xla_cpu_enable_xprof_traceme`). Operations are grouped by their HLO name
-without the numeric suffix (`dot` for the weight matmuls, `ynn_fusion` or `dot_general` for the attention
-products on CPU, `copy_dot_fusion` for a one-row output projection, ...). The table gives milliseconds per step,
-calls per step and microseconds per call. Profiling adds a little time per operation, so the table's total
-exceeds the unprofiled step time printed above it.
+Runs `infer.decode.step` (greedy, or sampling with `--temperature`/`--top-p`; batch `--batch`; random weights of
+the `--config` shape) as `bench/gpu_7b.py` times it, inside a `lax.fori_loop` of `--decode-steps` steps, then
+profiles a few more runs with `jax.profiler` and XLA's per-thunk trace events (`--xla_cpu_enable_xprof_traceme`).
+Operations are grouped by their HLO name without the numeric suffix (`dot` for the weight matmuls, `ynn_fusion` or
+`dot_general` for the attention products on CPU, `copy_dot_fusion` for a one-row output projection, ...). The table
+gives milliseconds per step, calls per step and microseconds per call. Profiling adds a little time per operation,
+so the table's total exceeds the unprofiled step time printed above it.
 """
 
 from __future__ import annotations
