@@ -41,3 +41,24 @@ def test_best_tree_from_a_record_uses_only_the_first_k_heads_and_drafts():
         want = choose_tree(ACC[:k], steps, max_nodes=8, min_nodes=1)[1]
         assert paths == want
     assert best_tree({"tree": [[0]]}, 2) is None  # an old record without per-rank accuracy
+
+
+def test_a_tree_measured_slower_than_plain_decoding_is_not_saved(monkeypatch):
+    """The step-time curve predicts a tree wins, but the end-to-end measurement finds it slower: the record
+    keeps plain decoding (the default `generate` then uses) and says which tree was rejected and why."""
+    from types import SimpleNamespace
+
+    from infer import tune_tree
+
+    monkeypatch.setattr(tune_tree, "head_accuracy", lambda *a, **k: (ACC, 100))
+    monkeypatch.setattr(tune_tree, "step_time", lambda *a, **k: 0.01)  # flat curve: the largest tree predicted best
+    speeds = {False: 30.0, True: 20.0}  # tokens/s of plain decoding and of any tree, end to end
+    monkeypatch.setattr(tune_tree, "measure_speed", lambda params, prompts, paths, n: {
+        "tokens_per_s": speeds[bool(paths)], "tokens_per_step": 1.0 + bool(paths), "tokens": 10})
+    params = SimpleNamespace(heads_config=SimpleNamespace(num_heads=3))
+    record = tune_tree.tune(params, [[1, 2]], sizes=(0, 4))
+    assert record["tree"] == [] and record["num_nodes"] == 1 and record["speedup"] == 1.0
+    assert record["rejected"]["num_nodes"] == 5 and record["rejected"]["measured"]["tokens_per_s"] == 20.0
+    speeds[True] = 40.0  # a tree that is faster end to end is kept
+    record = tune_tree.tune(params, [[1, 2]], sizes=(0, 4))
+    assert record["num_nodes"] == 5 and record["rejected"] is None and record["speedup"] == 40.0 / 30.0
