@@ -2,7 +2,8 @@
 compared by: method | tokens/s | latency per token | speedup vs autoregressive | acceptance rate | tokens per step.
 
 Methods (`--methods`, comma-separated; `ar` always runs, it is the baseline):
-  hf            transformers greedy `generate` on the same weights (PyTorch, this machine's CPU).
+  hf            transformers greedy `generate` on the same weights (PyTorch float32; on CUDA when JAX runs on a GPU,
+                else on this machine's CPU).
   ar            our plain autoregressive decoding (the root-only tree).
   medusa        what `generate` does by default: greedy Medusa with all heads and the heads' tuned tree (which the
                 tuner may shrink to the root alone, i.e. plain decoding, where no tree pays on the machine).

@@ -16,9 +16,19 @@ from typing import Any
 from medusa_jax.bundle import Bundle
 
 
+def torch_device() -> str:
+    """Where the peer runs: CUDA when JAX itself runs on a GPU and torch sees one (the peer a user of that machine
+    would otherwise run), else the CPU."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def load_torch_model(bundle: Bundle, threads: int | None = None) -> tuple[Any, str]:
-    """(float32 eval-mode LlamaForCausalLM on CPU, note) or (None, why it was skipped); `threads` sets torch's
-    CPU threads (None keeps torch's default)."""
+    """(float32 eval-mode LlamaForCausalLM on `torch_device()`, note) or (None, why it was skipped); `threads`
+    sets torch's CPU threads (None keeps torch's default). On CUDA, torch's float32 products stay float32 (its
+    default), as ours do (`medusa_jax.model.precision`)."""
     try:
         import torch
         import transformers
@@ -49,7 +59,11 @@ def load_torch_model(bundle: Bundle, threads: int | None = None) -> tuple[Any, s
     except Exception as e:  # any reader failure only drops this row
         return None, f"skipped: the model is not loadable in transformers ({type(e).__name__}: {e})"
     net = net.eval()  # already float32 (dtype= above); a GGUF-loaded model refuses .float()
-    return net, f"{how}; torch {torch.__version__} CPU float32, {torch.get_num_threads()} threads"
+    device = torch_device()
+    if device == "cpu":
+        return net, f"{how}; torch {torch.__version__} CPU float32, {torch.get_num_threads()} threads"
+    net = net.to(device)
+    return net, f"{how}; torch {torch.__version__} {torch.cuda.get_device_name()} float32"
 
 
 def run_hf(net: Any, prompt: list[int], max_new: int, stops: tuple[int, ...], prefix_cache: bool = False) -> dict:
@@ -61,7 +75,8 @@ def run_hf(net: Any, prompt: list[int], max_new: int, stops: tuple[int, ...], pr
     """
     import torch
 
-    ids = torch.tensor([prompt], dtype=torch.long)
+    ids = torch.tensor([prompt], dtype=torch.long, device=net.device)
+    sync = torch.cuda.synchronize if net.device.type == "cuda" else (lambda: None)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
               eos_token_id=list(stops) or None, pad_token_id=stops[0] if stops else 0,
               temperature=None, top_p=None, top_k=None, return_dict_in_generate=True)
@@ -84,8 +99,10 @@ def run_hf(net: Any, prompt: list[int], max_new: int, stops: tuple[int, ...], pr
             kw[name] = cache
     net._bench_prefix = None
     with torch.inference_mode():
+        sync()
         t0 = time.perf_counter()
         out = net.generate(ids, max_new_tokens=max_new, **kw)
+        sync()  # a GPU may still be running the last step's kernels
         wall = time.perf_counter() - t0
     seq = out.sequences[0].tolist()
     if prefix_cache:

@@ -50,7 +50,16 @@ TUNING_PROMPTS = (
     "Describe a typical day of a lighthouse keeper in the 1900s.",
 )
 
-DEFAULT_SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+CPU_SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# On an accelerator a batch-1 step is bound by reading the weights, so a step of many tree nodes can cost about what
+# a one-token step does, and the best tree may be as wide as the original's 64 nodes or wider (up to what the heads'
+# top-10 can serve); each size measured is one more compile, so the grid stays sparse above 32.
+ACCELERATOR_SIZES = CPU_SIZES + (48, 64, 96, 128)
+
+
+def default_sizes(backend: str | None = None) -> tuple[int, ...]:
+    """Tree sizes (draft nodes) whose step time the tuner measures on `backend` (default: JAX's default backend)."""
+    return CPU_SIZES if (backend or jax.default_backend()) == "cpu" else ACCELERATOR_SIZES
 
 
 def machine_description() -> str:
@@ -121,10 +130,11 @@ def measure_speed(params: Bundle, prompts: list[list[int]], paths: list, max_new
     return {"tokens_per_s": tokens / wall, "tokens_per_step": tokens / max(steps, 1), "tokens": tokens}
 
 
-def tune(params: Bundle, prompts: list[list[int]], *, sizes=DEFAULT_SIZES, max_new_tokens: int = 128,
-         ranks: int = 10) -> dict:
-    """Runs the whole method; returns the record saved as tree.json."""
+def tune(params: Bundle, prompts: list[list[int]], *, sizes: Sequence[int] | None = None,
+         max_new_tokens: int = 128, ranks: int = 10) -> dict:
+    """Runs the whole method; returns the record saved as tree.json. `sizes`: default `default_sizes()`."""
     num_heads = params.heads_config.num_heads
+    sizes = tuple(sizes) if sizes is not None else default_sizes()
     t0 = time.time()
     accuracy, count = head_accuracy(params, prompts, max_new_tokens=max_new_tokens, ranks=ranks)
     trees = grow_tree_sequence(accuracy, max(sizes))
@@ -171,15 +181,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--prompts", default=None, help="held-out prompts, one per line (default: built-in)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
-                    help="tree sizes (draft nodes) whose step time is measured; others are interpolated")
+    ap.add_argument("--sizes", default=None,
+                    help="tree sizes (draft nodes) whose step time is measured; others are interpolated (default "
+                    f"{','.join(map(str, CPU_SIZES))} on a CPU, up to {ACCELERATOR_SIZES[-1]} on an accelerator)")
     ap.add_argument("--out", default=None, help="where to write tree.json (default: beside the heads)")
     args = ap.parse_args(argv)
     with cli_errors():
         from medusa_jax.loading import DEFAULT_HEADS_DIR, load
 
         try:  # flags first: the model load is slow
-            sizes = sorted({int(s) for s in args.sizes.split(",")} | {0})
+            given = default_sizes() if args.sizes is None else [int(s) for s in args.sizes.split(",")]
+            sizes = sorted(set(given) | {0})
         except ValueError:
             raise MedusaError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
         if min(sizes) < 0 or args.num_prompts < 1 or args.max_new_tokens < 1:

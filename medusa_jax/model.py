@@ -37,6 +37,18 @@ KVCache = tuple[tuple[Array, Array], ...]
 _NEG_INF = -1e30  # a large finite negative: a fully masked row gives a uniform softmax instead of NaN
 
 
+def precision(dtype: Any) -> jax.lax.Precision | None:
+    """Matmul precision for operands of `dtype`: float32 products are computed in float32 on every backend.
+
+    JAX's default lets a GPU round float32 operands to TensorFloat32 (10 mantissa bits) inside a product; then a
+    tree-verification forward (several rows) and a one-token forward round differently far more often, and greedy
+    Medusa would stop matching plain greedy decoding at near-ties it should resolve, as would logits parity with
+    PyTorch (whose float32 CUDA products are float32 by default). A model loaded in float32 asks for exactness;
+    bfloat16/float16 operands keep the backend's default (and its speed). CPUs compute float32 either way.
+    """
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 as transformers does."""
 
@@ -115,11 +127,12 @@ def attend(q: Array, keys: Array, values: Array, mask: Array, scale: float) -> A
     rows, gt, d = q.shape
     b, t, s = mask.shape
     kv_heads, g = rows // b, gt // t
-    scores = jnp.einsum("nqd,nds->nqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("nqd,nds->nqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32,
+                        precision=precision(q.dtype))
     scores = scores.reshape(b, kv_heads, g, t, s) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype).reshape(rows, gt, s)
-    return jnp.einsum("nqs,nsd->nqd", probs, values)
+    return jnp.einsum("nqs,nsd->nqd", probs, values, precision=precision(values.dtype))
 
 
 def attend_window(q: Array, keys: Array, values: Array, mask: Array, scale: float,
@@ -173,7 +186,8 @@ class Attention(nn.Module):
         # The kernel [H, Kv, G + 2, D] keeps each KV group's G query heads, its key and its value together, so
         # tensor parallelism over the Kv axis splits it into whole groups and attention needs no communication.
         # That holds when the tensor size divides Kv; otherwise the kernel is replicated (SmolLM2: Kv = 3).
-        qkv = nn.DenseGeneral((kv_heads, g + 2, d), use_bias=False, name="qkv")(x)  # [B, T, Kv, G + 2, D]
+        p = precision(x.dtype)
+        qkv = nn.DenseGeneral((kv_heads, g + 2, d), use_bias=False, precision=p, name="qkv")(x)  # [B, T, Kv, G+2, D]
         q = qkv[:, :, :, :g].reshape(b, t, n, d)  # query head h uses KV head h // G, as in HF
         k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, Kv, D]
         q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
@@ -187,7 +201,7 @@ class Attention(nn.Module):
         q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g * t, d)  # [B*Kv, G*T, D]
         out = attend_window(q, keys, values, mask, 1 / math.sqrt(d), window)  # [B*Kv, G*T, D]
         out = out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)
-        return nn.Dense(cfg.hidden_size, use_bias=False, name="o")(out.astype(x.dtype)), kv
+        return nn.Dense(cfg.hidden_size, use_bias=False, precision=p, name="o")(out.astype(x.dtype)), kv
 
 
 class MLP(nn.Module):
@@ -198,9 +212,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         inner = self.config.intermediate_size
-        gate_up = nn.DenseGeneral((2, inner), use_bias=False, name="gate_up")(x)  # [B, T, 2, I], kernel [H, 2, I]
-        gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
-        return nn.Dense(self.config.hidden_size, use_bias=False, name="down")(jax.nn.silu(gate) * up)
+        p = precision(x.dtype)
+        gate_up = nn.DenseGeneral((2, inner), use_bias=False, precision=p, name="gate_up")(x)  # [B, T, 2, I]
+        gate, up = gate_up[..., 0, :], gate_up[..., 1, :]  # kernel [H, 2, I]
+        return nn.Dense(self.config.hidden_size, use_bias=False, precision=p, name="down")(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -216,6 +231,18 @@ class DecoderLayer(nn.Module):
         x = x + h
         x = x + MLP(self.config, name="mlp")(RMSNorm(eps, name="mlp_norm")(x))
         return x, kv
+
+
+class OutputProjection(nn.Module):
+    """The untied output projection [..., H] -> [..., V], kernel [H, V] (named as `nn.Dense` names it); unlike a
+    Dense built in `setup`, its matmul precision follows the input's dtype (`precision`)."""
+
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.vocab_size))
+        return jnp.einsum("...h,hv->...v", x, kernel.astype(x.dtype), precision=precision(x.dtype))
 
 
 class Llama(nn.Module):
@@ -235,7 +262,7 @@ class Llama(nn.Module):
         self.layers = [layer(cfg) for _ in range(cfg.num_layers)]
         self.final_norm = RMSNorm(cfg.rms_norm_eps)
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False)
+            self.lm_head = OutputProjection(cfg.vocab_size)
 
     def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
                  cache_index: Array | None = None, window: int | Array | None = None
@@ -272,7 +299,7 @@ class Llama(nn.Module):
             # Contract H against the embedding [V, H] as stored: `embed.attend` (hidden @ E.T) made XLA's CPU backend
             # transpose E inside a slow loop fusion (BENCHMARKS.md, "Tied output projection").
             embedding = self.embed.embedding.astype(hidden.dtype)
-            return jnp.einsum("...h,vh->...v", hidden, embedding).astype(jnp.float32)
+            return jnp.einsum("...h,vh->...v", hidden, embedding, precision=precision(hidden.dtype)).astype(jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
 
@@ -295,7 +322,8 @@ class MedusaHeads(nn.Module):
         for j in range(self.config.num_layers):
             w = self.param(f"res_{j}_kernel", nn.initializers.zeros, (k, h, h))
             b = self.param(f"res_{j}_bias", nn.initializers.zeros, (k, h))
-            x = x + jax.nn.silu(jnp.einsum("...kh,khg->...kg", x, w.astype(x.dtype)) + b.astype(x.dtype))
+            x = x + jax.nn.silu(jnp.einsum("...kh,khg->...kg", x, w.astype(x.dtype), precision=precision(x.dtype))
+                                + b.astype(x.dtype))
         return x
 
 
@@ -364,4 +392,4 @@ def head_logits(heads_config: HeadsConfig, config: LlamaConfig, base: dict, head
     if heads_config.projection == "shared":
         return logits(config, base, states)
     return jnp.einsum("...kh,khv->...kv", states, heads["proj"].astype(states.dtype),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32, precision=precision(states.dtype))

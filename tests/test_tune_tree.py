@@ -62,3 +62,24 @@ def test_a_tree_measured_slower_than_plain_decoding_is_not_saved(monkeypatch):
     speeds[True] = 40.0  # a tree that is faster end to end is kept
     record = tune_tree.tune(params, [[1, 2]], sizes=(0, 4))
     assert record["num_nodes"] == 5 and record["rejected"] is None and record["speedup"] == 40.0 / 30.0
+
+
+def test_accelerators_measure_trees_as_wide_as_the_originals_and_wider():
+    """On a GPU a many-node step costs about a one-token step, so the tuner must be able to pick the original's
+    64-node tree or a wider one; on a CPU the grid stops at 32 nodes (each size is a compile)."""
+    import json
+    from pathlib import Path
+
+    from infer.tune_tree import default_sizes
+
+    assert max(default_sizes("cpu")) == 32 and 0 in default_sizes("cpu")
+    gpu = default_sizes("gpu")
+    assert {64, 128} <= set(gpu) and set(default_sizes("cpu")) <= set(gpu)
+    # With the shipped heads' measured accuracy and a flat step curve over the accelerator grid, the chosen tree
+    # is the widest measured one (expected tokens/step still grows up to 128 nodes).
+    record = json.loads((Path(__file__).parents[1] / "checkpoints/smollm2_135m/tree.json").read_text())
+    acc = np.asarray(record["accuracy_ranks"])
+    size, paths, rows = choose_tree(acc, {n: 0.005 for n in gpu}, max_nodes=max(gpu))
+    assert size == 128 and len(paths) == 128
+    assert rows[128]["expected_tokens_per_step"] > rows[64]["expected_tokens_per_step"] > rows[32]["expected_tokens_per_step"]
+    build_tree(paths, num_heads=acc.shape[0])

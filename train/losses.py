@@ -120,7 +120,8 @@ def teacher_argmax(hidden: Array, kernel: Array, chunk: int | None = None) -> Ar
     chunk = s if chunk is None else min(chunk, s)
     n = -(-s // chunk)
     xs = jnp.pad(hidden, ((0, 0), (0, n * chunk - s), (0, 0))).reshape(b, n, chunk, h).swapaxes(0, 1)
-    ids = jax.lax.map(lambda x: jnp.argmax(jnp.dot(x, kernel, preferred_element_type=jnp.float32), axis=-1), xs)
+    ids = jax.lax.map(lambda x: jnp.argmax(jnp.dot(x, kernel, preferred_element_type=jnp.float32,
+                                                   precision=model.precision(x.dtype)), axis=-1), xs)
     return ids.swapaxes(0, 1).reshape(b, n * chunk)[:, :s].astype(jnp.int32)
 
 
@@ -128,7 +129,8 @@ def _chunk_stats(x: Array, kernel: Array, labels: Array, valid: Array, targets: 
                  tk: Array | None, temperature: float, with_grads: bool, kernel_grad: bool):
     """One chunk: x [C, H], kernel [H, V], labels int [C], valid bool [C], and the targets: ids int [C], or teacher
     states tx [C, H] with kernel tk [H, V] -> sums (+ gradients of the objective sum)."""
-    logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32)  # [C, V]
+    p = model.precision(x.dtype)  # the model's own matmul precision (float32 stays float32 on a GPU)
+    logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32, precision=p)  # [C, V]
     lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]  # [C]
     w = valid.astype(jnp.float32)
@@ -138,7 +140,8 @@ def _chunk_stats(x: Array, kernel: Array, labels: Array, valid: Array, targets: 
         target = None
         objective = lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     else:
-        target = jax.nn.softmax(jnp.dot(tx, tk, preferred_element_type=jnp.float32) / temperature, axis=-1)
+        target = jax.nn.softmax(jnp.dot(tx, tk, preferred_element_type=jnp.float32, precision=p) / temperature,
+                                axis=-1)
         objective = lse - jnp.sum(target * logits, axis=-1)  # cross-entropy against the soft target, nats
     sums = (jnp.sum(objective * w), jnp.sum(ce * w), jnp.sum((rank < 1) * w), jnp.sum((rank < TOPK_METRIC) * w))
     if not with_grads:
@@ -147,8 +150,8 @@ def _chunk_stats(x: Array, kernel: Array, labels: Array, valid: Array, targets: 
     if target is None:
         target = jax.nn.one_hot(targets, logits.shape[-1])
     dlogits = ((jnp.exp(logits - lse[:, None]) - target) * w[:, None]).astype(x.dtype)
-    dx = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)  # [C, H]
-    dk = jnp.dot(x.T, dlogits, preferred_element_type=jnp.float32) if kernel_grad else None  # [H, V]
+    dx = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32, precision=p)  # [C, H]
+    dk = jnp.dot(x.T, dlogits, preferred_element_type=jnp.float32, precision=p) if kernel_grad else None  # [H, V]
     return sums, dx, dk
 
 
@@ -374,10 +377,11 @@ def base_terms(hidden: Array, kernel: Array, teacher_hidden: Array, teacher_kern
 
     @jax.checkpoint
     def one(xs, ts, ls, lv, kv):
+        p = model.precision(xs.dtype)
         student = jax.nn.log_softmax(jnp.einsum("bch,hv->bcv", xs, kernel.astype(xs.dtype),
-                                                preferred_element_type=jnp.float32))  # [B, C, V]
+                                                preferred_element_type=jnp.float32, precision=p))  # [B, C, V]
         teacher = jax.nn.log_softmax(jnp.einsum("bch,hv->bcv", ts, teacher_kernel.astype(ts.dtype),
-                                                preferred_element_type=jnp.float32))
+                                                preferred_element_type=jnp.float32, precision=p))
         kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)  # [B, C]
         ce = -jnp.take_along_axis(student, ls[..., None], axis=-1)[..., 0]
         agree = jnp.argmax(student, -1) == jnp.argmax(teacher, -1)
