@@ -197,10 +197,10 @@ def bench_hf(args, cfg: LlamaConfig, out: dict) -> None:
     import torch
     import transformers
 
-    if torch.cuda.is_available():
-        device, dtype = "cuda", torch.bfloat16
-    elif args.hf_cpu:
+    if args.hf_cpu:
         device, dtype = "cpu", torch.float32
+    elif torch.cuda.is_available():
+        device, dtype = "cuda", torch.bfloat16
     else:
         out["skipped"] = "torch has no CUDA device (pass --hf-cpu to run it on the CPU)"
         return
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--decode-steps", type=int, default=64, help="steps per timed decoding loop (default 64)")
     a("--repeats", type=int, default=5, help="timed repeats, the best counts (default 5)")
     a("--hf-tokens", type=int, default=64, help="tokens transformers generates (default 64)")
-    a("--hf-cpu", action="store_true", help="run the transformers section on the CPU when there is no CUDA")
+    a("--hf-cpu", action="store_true", help="run the transformers section on the CPU (float32), even where CUDA is available")
     a("--seq-len", type=int, default=2048, help="training sequence length (default 2048)")
     a("--max-batch", type=int, default=64, help="largest training batch tried (default 64)")
     a("--batches", default=None, help="training batch sizes to try in order, e.g. 4,8,16 (default 1, 2, 4, ... "

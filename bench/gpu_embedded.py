@@ -37,6 +37,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # transformers shares the GPU in this process
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python bench/x.py`
 
 from medusa_jax.errors import MedusaError, cli_errors  # noqa: E402

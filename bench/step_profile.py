@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import sys
 
+# A CPU profile (its trace events name HLO instructions; a GPU's name kernels), also on a machine with a GPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA reads its flags once, at backend start: the per-operation trace events must be on before jax starts.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -22,7 +22,7 @@ def torch_device() -> str:
     import jax
     import torch
 
-    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    return "cuda" if jax.default_backend() != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def load_torch_model(bundle: Bundle, threads: int | None = None) -> tuple[Any, str]:

@@ -7,10 +7,14 @@ token at t + 2 + k.
 
     python -m infer.heads_eval --heads runs/a/heads runs/b/heads     # compare head sets (default: shipped heads)
     python -m infer.heads_eval --questions mt_bench_questions.jsonl --per-category 1 --tree mc_sim_7b_63
+    python -m infer.heads_eval --questions mt_bench_questions.jsonl --per-category 1 --grow 16,64,128
 
 For each head set it prints top-1/top-5 per head and the tokens per step of real greedy decoding with `--tree`:
 a count that does not depend on the machine, so it is what Medusa's speedup follows where a tree step costs about
-what a one-token step does (a GPU).
+what a one-token step does (a GPU). `--grow N,...` also decodes with the best N-node trees grown from the heads'
+per-rank accuracy in the tuner's `tree.json` beside them (held-out prompts; without one, the accuracy measured here,
+which flatters the trees), printing the expected tokens per step the tuner predicts next to the measured count:
+how far wider trees can take these heads, and how well the tuner's independence assumption predicts them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from medusa_jax import model
 from medusa_jax.bundle import Bundle
 from medusa_jax.config import HeadsConfig, LlamaConfig
 from medusa_jax.errors import MedusaError, cli_errors
+from medusa_jax.tree import expected_accept_length, grow_tree_sequence
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -94,6 +99,21 @@ def tokens_per_step(params: Bundle, prompts: Sequence[Sequence[int]], tree, max_
             "answers": out.tokens}
 
 
+def grown_trees(params: Bundle, prompts: Sequence[Sequence[int]], sizes: Sequence[int], accuracy: np.ndarray,
+                max_new_tokens: int) -> list[dict]:
+    """For each size N: the best N-node tree grown from `accuracy` [K, ranks], its predicted tokens per step
+    (1 + expected accepted length) and the tokens per step greedy decoding of `prompts` measures with it."""
+    trees = grow_tree_sequence(accuracy, max(sizes))
+    rows = []
+    for n in sizes:
+        paths = [list(p) for p in trees[min(n, len(trees)) - 1]]
+        measured = tokens_per_step(params, prompts, paths, max_new_tokens)
+        rows.append({"nodes": len(paths) + 1, "depth": max(len(p) for p in paths),
+                     "predicted_tokens_per_step": 1.0 + expected_accept_length(paths, accuracy),
+                     "tokens_per_step": measured["tokens_per_step"], "tree": paths})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m infer.heads_eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
@@ -106,8 +126,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128, help="greedy tokens per prompt (default 128)")
     ap.add_argument("--tree", default="mc_sim_7b_63", help="tree for the tokens-per-step count, or 'none' "
                     "(default mc_sim_7b_63, the original's 64-node tree)")
+    ap.add_argument("--grow", default=None, help="comma-separated draft-node counts N: also decode with the best "
+                    "N-node trees grown from the heads' tuning record (tree.json)")
     args = ap.parse_args(argv)
     with cli_errors():
+        from bench import int_list
+        from infer.bench_setup import tuning_record
+
+        grow = int_list(args.grow, "--grow", 1) if args.grow else []
         from infer.tune_tree import TUNING_PROMPTS
         from medusa_jax import chat
         from medusa_jax.loading import load
@@ -133,8 +159,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row.update(tree=args.tree, **decoded)
             acc, count = head_accuracy(params, prompts, max_new_tokens=args.max_new_tokens, answers=answers)
             row.update(positions=count, **topk_table(acc))
+            if grow:
+                record = tuning_record(heads, args.model)
+                held_out = record is not None and "accuracy_ranks" in record
+                source = np.asarray(record["accuracy_ranks"]) if held_out else acc
+                row["grown_from"] = "tree.json (tuning prompts)" if held_out else "these prompts (no tree.json)"
+                row["grown"] = grown_trees(params, prompts, grow, source[:params.heads_config.num_heads],
+                                           args.max_new_tokens)
             rows.append(row)
-            print(json.dumps(row))
+            print(json.dumps({k: v for k, v in row.items() if k != "grown"}))
         k = max(len(r["top1"]) for r in rows)
         print(f"\n{len(texts)} prompts, {args.max_new_tokens} greedy tokens each"
               + (f"; tokens per step of greedy decoding with {args.tree}" if args.tree != "none" else ""))
@@ -145,6 +178,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             cells = [f"{a:.3f} / {b:.3f}" for a, b in zip(r["top1"], r["top5"])]
             tps = [f"{r['tokens_per_step']:.3f}"] if "tokens_per_step" in r else []
             print("| " + " | ".join([r["heads"], *cells, *tps]) + " |")
+        for r in rows:
+            if "grown" in r:
+                print(f"\n{r['heads']}: trees grown from the per-rank accuracy of {r['grown_from']}\n"
+                      "| nodes | depth | predicted tokens per step | measured tokens per step |\n|---|---|---|---|")
+                for g in r["grown"]:
+                    print(f"| {g['nodes']} | {g['depth']} | {g['predicted_tokens_per_step']:.3f} | "
+                          f"{g['tokens_per_step']:.3f} |")
 
 
 if __name__ == "__main__":

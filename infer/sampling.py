@@ -59,10 +59,32 @@ def target_probs(logits: Array, temperature: Array, top_p: Array, use_top_p: boo
     return probs / jnp.sum(probs, axis=-1, keepdims=True)
 
 
+# Tokens per block of the two-stage draw: about sqrt(V) for LLaMA vocabularies (32k-128k), so both stages are short.
+SAMPLE_BLOCK = 256
+
+
+def _pick(key: Array, weights: Array) -> Array:
+    """Index along the last axis drawn with probability proportional to `weights` >= 0 (Gumbel-max on the log)."""
+    logw = jnp.where(weights > 0, jnp.log(jnp.maximum(weights, 1e-38)), -jnp.inf)
+    return jax.random.categorical(key, logw, axis=-1)
+
+
 def sample_from(key: Array, probs: Array) -> Array:
-    """One token per row from probabilities [..., V] (need not be normalised; zeros are never drawn) -> int32 [...]."""
-    logp = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-38)), -jnp.inf)
-    return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+    """One token per row from probabilities [..., V] (need not be normalised; zeros are never drawn) -> int32 [...].
+
+    Two exact stages: a block of `SAMPLE_BLOCK` consecutive tokens with probability proportional to its mass S_b,
+    then a token of that block proportional to its own probability, so P(i) = (S_b / S) (p_i / S_b) = p_i / S.
+    A one-stage Gumbel-max draw needs V random numbers per row; this needs V / 256 + 256. Random bits are what cost
+    on a CPU: about 32 ms of a 32-row SmolLM2 step before, under 1 ms now (BENCHMARKS.md, "Two-stage sampling").
+    """
+    *rows, v = probs.shape
+    blocks = -(-v // SAMPLE_BLOCK)
+    padded = jnp.pad(probs.astype(jnp.float32), [(0, 0)] * len(rows) + [(0, blocks * SAMPLE_BLOCK - v)])
+    padded = padded.reshape(*rows, blocks, SAMPLE_BLOCK)  # [..., blocks, SAMPLE_BLOCK]; padding has mass 0
+    key_block, key_token = jax.random.split(key)
+    block = _pick(key_block, jnp.sum(padded, axis=-1))  # [...]
+    inside = jnp.take_along_axis(padded, block[..., None, None], axis=-2)[..., 0, :]  # [..., SAMPLE_BLOCK]
+    return (block * SAMPLE_BLOCK + _pick(key_token, inside)).astype(jnp.int32)
 
 
 def greedy_token(logits: Array) -> Array:

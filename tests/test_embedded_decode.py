@@ -77,10 +77,36 @@ def test_heads_eval_reports_accuracy_and_tokens_per_step(embedded, capsys):
     real greedy decoding with the given tree (between 1 and the tree's depth + 1)."""
     from infer import heads_eval
 
-    heads_eval.main(["--limit", "1", "--max-new-tokens", "12", "--tree", "chain:2"])
+    heads_eval.main(["--limit", "1", "--max-new-tokens", "12", "--tree", "chain:2", "--grow", "1,3"])
     out = capsys.readouterr().out
     row = json.loads(out.splitlines()[0])
     assert row["heads"] == "shipped" and len(row["top1"]) == embedded.heads_config.num_heads
     assert all(0 <= a <= b <= 1 for a, b in zip(row["top1"], row["top5"]))
     assert 0 < row["tokens"] <= 12 and 1.0 <= row["tokens_per_step"] <= 3.0
     assert "| shipped |" in out and "tokens per step" in out
+    # --grow: trees of 1 and 3 draft nodes from the shipped tree.json's accuracy, predicted and measured
+    assert row["grown_from"] == "tree.json (tuning prompts)"
+    grown = [line for line in out.splitlines() if line.startswith("| 2 |") or line.startswith("| 4 |")]
+    assert len(grown) == 2
+    for line in grown:
+        nodes, depth, predicted, measured = (float(c) for c in line.strip("| ").split(" | "))
+        assert 1.0 < predicted < 1.0 + depth and 1.0 <= measured <= 1.0 + depth
+
+
+def test_grown_trees_are_the_tuners_trees_and_predictions(embedded):
+    """`heads_eval.grown_trees`: the tree of each size is `grow_tree_sequence`'s, its prediction 1 + the expected
+    accepted length, and a 1-node tree's measured tokens per step is 1 + the rate its one draft was accepted."""
+    import numpy as np
+
+    from infer import heads_eval
+    from medusa_jax import chat
+    from medusa_jax.tree import expected_accept_length, grow_tree_sequence
+
+    acc = np.array([[0.5, 0.2], [0.3, 0.1], [0.2, 0.1], [0.1, 0.05]])
+    prompt = chat.render_prompt(embedded.tokenizer, "Name three colours.")
+    rows = heads_eval.grown_trees(embedded, [prompt], [1, 5], acc, 10)
+    for row, n in zip(rows, (1, 5)):
+        want = [list(p) for p in grow_tree_sequence(acc, 5)[n - 1]]
+        assert row["tree"] == want and row["nodes"] == n + 1
+        assert np.isclose(row["predicted_tokens_per_step"], 1 + expected_accept_length(want, acc))
+    assert rows[0]["tree"] == [[0]] and 1.0 <= rows[0]["tokens_per_step"] <= 2.0

@@ -23,6 +23,10 @@ PROMPT = [3, 4, 5, 6, 7]
 TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]  # siblings at two levels and depth 3
 DRAWS = 4000
 VOCAB = 12
+# Each goodness-of-fit p-value must exceed ALPHA. The file computes about 25 of them, so a per-test 0.01 would fail
+# a correct sampler about once in five runs of a new random stream; 1e-3 (Bonferroni) keeps that near 2.5%, while
+# a biased scheme lands far below it (typical acceptance: < 1e-6, `test_biased_scheme_is_detected`).
+ALPHA = 1e-3
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +99,7 @@ def _pvalues(toks: np.ndarray, joint: np.ndarray) -> dict:
 def test_distribution_matches_exact(mode, temperature, top_p):
     toks, out = _draw(mode, temperature, top_p)
     pvals = _pvalues(toks, exact_joint(temperature, top_p))
-    assert min(pvals.values()) > 0.01, pvals
+    assert min(pvals.values()) > ALPHA, pvals
     if mode == "sample":
         # The speculative path really ran: many steps accepted drafts, some at depth >= 2.
         acc = out.accepted[out.accepted >= 0]
@@ -107,7 +111,7 @@ def test_biased_scheme_is_detected():
     must reject it (otherwise the test above would prove nothing)."""
     toks, _ = _draw("typical", 1.0, 1.0)
     pvals = _pvalues(toks, exact_joint(1.0, 1.0))
-    assert pvals["token1"] > 0.01  # the first token is sampled from the prefill in every mode
+    assert pvals["token1"] > ALPHA  # the first token is sampled from the prefill in every mode
     assert min(pvals["token2"], pvals["joint12"]) < 1e-6, pvals
 
 
@@ -163,3 +167,28 @@ def test_proposed_counts_bound_accepted(mode):
     if mode == "sample":
         assert ((p == a) | (p == a + 1)).all() and (p[a == 3] == 3).all()
     assert 0 <= out.stats()["acceptance_rate"] <= 1
+
+
+def test_two_stage_draw_has_exactly_the_given_distribution():
+    """`sampling.sample_from` over a vocabulary of 4 blocks (the last one partly padding): mass in every block, at
+    block edges, tiny and zero probabilities; 40,000 draws match the distribution (chi-square) and never a zero."""
+    v = 3 * sampling.SAMPLE_BLOCK + 40
+    rng = np.random.default_rng(0)
+    probs = np.zeros(v)
+    support = np.r_[0, 5, sampling.SAMPLE_BLOCK - 1, sampling.SAMPLE_BLOCK, 300, 2 * sampling.SAMPLE_BLOCK + 7,
+                    3 * sampling.SAMPLE_BLOCK, v - 1, rng.choice(v, 40, replace=False)]
+    probs[support] = rng.gamma(0.5, size=support.size) + 1e-3
+    probs[3] = 1e-9  # nearly never, but allowed
+    probs *= 7.0  # unnormalised
+    n = 40_000
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    draws = np.concatenate([np.asarray(sampling.sample_from(k, np.broadcast_to(probs, (n // 8, v)).astype(np.float32)))
+                            for k in keys])
+    assert draws.min() >= 0 and draws.max() < v
+    counts = np.bincount(draws, minlength=v)
+    assert _chi2_pvalue(counts, probs / probs.sum()) > ALPHA
+    assert counts[v - 1] > 0 and counts[sampling.SAMPLE_BLOCK - 1] > 0 and counts[sampling.SAMPLE_BLOCK] > 0
+    one_hot = np.zeros((3, v), np.float32)
+    one_hot[[0, 1, 2], [0, sampling.SAMPLE_BLOCK, v - 1]] = 1.0
+    assert np.asarray(sampling.sample_from(jax.random.PRNGKey(5), one_hot)).tolist() == [0, sampling.SAMPLE_BLOCK,
+                                                                                          v - 1]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # before JAX starts
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the 8 simulated devices are CPU devices, also beside a GPU
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
