@@ -32,7 +32,7 @@ from infer.api import generate_ids
 from medusa_jax import model
 from medusa_jax.bundle import Bundle
 from medusa_jax.config import HeadsConfig, LlamaConfig
-from medusa_jax.errors import MedusaError, cli_errors
+from medusa_jax.errors import MedusaError, cli_errors, int_list
 from medusa_jax.tree import expected_accept_length, grow_tree_sequence
 
 
@@ -130,7 +130,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "N-node trees grown from the heads' tuning record (tree.json)")
     args = ap.parse_args(argv)
     with cli_errors():
-        from bench import int_list
         from infer.bench_setup import tuning_record
 
         grow = int_list(args.grow, "--grow", 1) if args.grow else []

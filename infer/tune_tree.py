@@ -31,7 +31,7 @@ from infer.api import generate_ids
 from infer.heads_eval import head_accuracy, topk_table
 from medusa_jax import chat
 from medusa_jax.bundle import Bundle
-from medusa_jax.errors import MedusaError, cli_errors
+from medusa_jax.errors import MedusaError, cli_errors, int_list
 from medusa_jax.tree import expected_accept_length, grow_tree_sequence
 
 # Held-out tuning prompts, written for this purpose (never used for training; MT-Bench is kept for evaluation).
@@ -189,13 +189,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     with cli_errors():
         from medusa_jax.loading import DEFAULT_HEADS_DIR, load
 
-        try:  # flags first: the model load is slow
-            given = default_sizes() if args.sizes is None else [int(s) for s in args.sizes.split(",")]
-            sizes = sorted(set(given) | {0})
-        except ValueError:
-            raise MedusaError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
-        if min(sizes) < 0 or args.num_prompts < 1 or args.max_new_tokens < 1:
-            raise MedusaError("--sizes must be >= 0, --num-prompts and --max-new-tokens at least 1")
+        # flags first: the model load is slow
+        sizes = sorted(set(default_sizes() if args.sizes is None else int_list(args.sizes, "--sizes", 0)) | {0})
+        if args.num_prompts < 1 or args.max_new_tokens < 1:
+            raise MedusaError("--num-prompts and --max-new-tokens must be at least 1")
         params = load(args.model, heads=args.heads)
         if params.heads is None:
             raise MedusaError("the model has no Medusa heads to tune a tree for; pass --heads PATH")

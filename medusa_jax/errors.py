@@ -26,3 +26,14 @@ def cli_errors():
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def int_list(text: str, flag: str, minimum: int) -> list[int]:
+    """A comma-separated command-line value as integers >= `minimum`; a one-line `MedusaError` otherwise."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise MedusaError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if min(values) < minimum:
+        raise MedusaError(f"{flag} values must be >= {minimum}, got {text!r}")
+    return values

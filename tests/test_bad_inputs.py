@@ -178,6 +178,12 @@ def _tune(*argv):
     return tune_tree.main(list(argv))
 
 
+def _heads_eval(*argv):
+    from infer import heads_eval
+
+    return heads_eval.main(list(argv))
+
+
 def _resume_torn(ctx: Ctx):
     (ctx.run / "ckpt" / "20.orbax-checkpoint-tmp").mkdir(parents=True)
     return _stage1("--resume", str(ctx.run))
@@ -332,6 +338,8 @@ CASES: list[Case] = [
     Case("cli", "`infer.tune_tree --sizes 1,two`",
          lambda c: _tune("--model", "llama-7b", "--sizes", "1,two", "--out", str(c.tmp / "tree.json")), r"--sizes",
          cli=True, absent=("tree.json",)),
+    Case("cli", "`infer.heads_eval --grow 0,16`",
+         lambda c: _heads_eval("--model", "llama-7b", "--grow", "0,16"), r"--grow values must be >= 1", cli=True),
     Case("cli", "`infer.tune_tree --model tiny` (no tokenizer)",
          lambda c: _tune("--model", "tiny", "--heads", str(c.heads), "--out", str(c.tmp / "tree.json")),
          r"tokenizer", cli=True, absent=("tree.json",)),

@@ -28,10 +28,14 @@ def test_halves_join_to_the_same_bytes_and_a_mismatch_is_refused(tmp_path):
         gpu_embedded.join_file(tmp_path / "carry", tmp_path / "cache3")
 
 
-def test_the_gpu_run_tunes_then_benchmarks_with_the_tuned_tree_on_a_cpu(tmp_path, capsys):
+def test_the_gpu_run_tunes_then_benchmarks_with_the_tuned_tree_on_a_cpu(tmp_path, monkeypatch):
     """The second device call's program, sized down: the tuner's tree is saved beside a copy of the heads (the
     repository's tree.json is untouched), the benchmark decodes its Medusa row with that tree and equals plain
-    decoding, and what comes back fits the device call's 8 files."""
+    decoding, and what comes back fits the device call's 8 files. The step-time curve is stubbed (a GPU-like flat
+    one; timing real steps is the tuner's own tests' business and costs most of this run on a CPU)."""
+    from infer import tune_tree
+
+    monkeypatch.setattr(tune_tree, "step_time", lambda params, paths, prompt, repeats=2: 0.01 + 1e-4 * len(paths))
     question = {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now about snow."]}
     (tmp_path / "q.jsonl").write_text(json.dumps(question) + "\n")
     shipped = (DEFAULT_HEADS_DIR / "tree.json").read_bytes()
