@@ -48,12 +48,11 @@ MANIFEST = "manifest.json"
 QUESTIONS = "questions.jsonl"
 
 
-def _sha256(paths: Sequence[Path]) -> str:
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 
@@ -62,7 +61,7 @@ def split_file(src: Path, dest: Path) -> dict:
     (name, size, SHA-256 of the whole). Returns the manifest."""
     data_size = src.stat().st_size
     half = -(-data_size // 2)
-    manifest = {"name": src.name, "size": data_size, "sha256": _sha256([src])}
+    manifest = {"name": src.name, "size": data_size, "sha256": _sha256(src)}
     with open(src, "rb") as f:
         for i, part in enumerate(PART_NAMES):
             (dest / part).mkdir(parents=True, exist_ok=True)
@@ -86,10 +85,13 @@ def join_file(src: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / manifest["name"]
     tmp = out.with_suffix(".part")
+    digest, size = hashlib.sha256(), 0
     with open(tmp, "wb") as f:
-        for p in parts:
-            f.write(p.read_bytes())
-    if tmp.stat().st_size != manifest["size"] or _sha256([tmp]) != manifest["sha256"]:
+        for p in parts:  # hashed as written: the joined file is not read back
+            data = p.read_bytes()
+            digest.update(data)
+            size += f.write(data)
+    if size != manifest["size"] or digest.hexdigest() != manifest["sha256"]:
         tmp.unlink()
         raise MedusaError(f"the joined {manifest['name']} does not match its manifest (size or SHA-256): "
                           "run `prepare` again and carry both halves of the same run")

@@ -140,8 +140,8 @@ def _chunk_stats(x: Array, kernel: Array, labels: Array, valid: Array, targets: 
         target = None
         objective = lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     else:
-        target = jax.nn.softmax(jnp.dot(tx, tk, preferred_element_type=jnp.float32, precision=p) / temperature,
-                                axis=-1)
+        target = jax.nn.softmax(jnp.dot(tx, tk, preferred_element_type=jnp.float32,
+                                        precision=model.precision(tx.dtype)) / temperature, axis=-1)
         objective = lse - jnp.sum(target * logits, axis=-1)  # cross-entropy against the soft target, nats
     sums = (jnp.sum(objective * w), jnp.sum(ce * w), jnp.sum((rank < 1) * w), jnp.sum((rank < TOPK_METRIC) * w))
     if not with_grads:
