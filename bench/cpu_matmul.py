@@ -11,7 +11,8 @@ its fused q/k/v, o, fused gate/up and down projections as `model.Llama` runs the
 separate` the seven unfused ones; distinct weights per layer so nothing stays in cache between layers), as one
 jitted function in JAX and as a loop of `torch.nn.functional.linear` calls, for M input rows.
 It prints milliseconds per forward and the ratio to the first M (with M = 1 first: the tree step's matmul cost
-relative to plain decoding).
+relative to plain decoding). The "jax panels" row is the packed-panel CPU kernel the decoder runs on a CPU
+(`medusa_jax.panels`), float32 only.
 """
 
 from __future__ import annotations
@@ -53,20 +54,27 @@ def layer_shapes(cfg: configs.LlamaConfig, fused: bool = True) -> list[tuple[int
 
 
 def jax_times(shapes: list[tuple[int, int]], layers: int, rows: Sequence[int], dtype: str,
-              repeats: int) -> dict[int, float]:
+              repeats: int, packed: bool = False) -> dict[int, float]:
+    """XLA's products, or (`packed`, float32) the packed-panel CPU kernel the decoder uses (`medusa_jax.panels`)."""
     import jax
     import jax.numpy as jnp
+
+    from medusa_jax import panels
 
     rng = np.random.default_rng(0)
     weights = [[jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.02, dtype) for s in shapes]
                for _ in range(layers)]
+    if packed:
+        weights = [[panels.pack(w) for w in layer] for layer in weights]
+    product = (lambda x, w: panels.matmul(x, w)) if packed else \
+        (lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
 
     @jax.jit
     def forward(inputs, weights):  # every product is summed into the output, so none is dead code
         acc = jnp.float32(0)
         for layer in weights:
             for w in layer:
-                acc = acc + jnp.dot(inputs[w.shape[0]], w, preferred_element_type=jnp.float32).sum()
+                acc = acc + product(inputs[w.shape[0]], w).sum()
         return acc
 
     out = {}
@@ -118,8 +126,17 @@ def _run(args, cfg, rows: list[int]) -> list[dict]:
     print("| library | dtype | " + " | ".join(f"M={m}" for m in rows) + " |")
     print("|---|---|" + "---|" * len(rows))
     results = []
-    for lib, fn in [("jax", jax_times)] + ([] if args.no_torch else [("torch", torch_times)]):
+    from medusa_jax import native
+
+    libraries = [("jax", jax_times)]
+    if native.available():
+        libraries.append(("jax panels", lambda *a: jax_times(*a, packed=True)))
+    else:
+        print(f"(no panels row: {native.status()})")
+    for lib, fn in libraries + ([] if args.no_torch else [("torch", torch_times)]):
         for dtype in args.dtypes.split(","):
+            if lib == "jax panels" and dtype != "float32":
+                continue
             t = fn(shapes, cfg.num_layers, rows, dtype, args.repeats)
             cells = [f"{t[m]:.1f} ms ({t[m] / t[rows[0]]:.2f}x)" for m in rows]
             print(f"| {lib} | {dtype} | " + " | ".join(cells) + " |", flush=True)

@@ -46,8 +46,8 @@ import numpy as np  # noqa: E402
 from infer import decode  # noqa: E402
 from infer.bench_report import machine_info  # noqa: E402
 from bench.gpu_train import bench_train  # noqa: E402
-from infer.state import DecodeSpec  # noqa: E402
-from medusa_jax import config as C, model  # noqa: E402
+from infer.state import FUSED_HEAD_ROWS, DecodeSpec  # noqa: E402
+from medusa_jax import config as C, model, panels  # noqa: E402
 from medusa_jax.config import HeadsConfig, LlamaConfig  # noqa: E402
 from medusa_jax.tree import build_tree, grow_tree  # noqa: E402
 
@@ -137,8 +137,11 @@ def step_runner(args, cfg, hc, base, heads, paths: list):
     cache_len = -(-(args.prompt_len + capacity + tree.num_nodes) // 128) * 128  # as infer.api sizes it
     spec = DecodeSpec(config=cfg, heads_config=hc if tree.max_depth else None, tree=tree,
                       rule="sample" if temperature > 0 else "greedy", use_top_p=top_p < 1, capacity=capacity,
-                      cache_len=cache_len, stop_ids=(), live_window=not getattr(args, "full_window", False))
+                      cache_len=cache_len, stop_ids=(), live_window=not getattr(args, "full_window", False),
+                      fused_head_rows=getattr(args, "fused_head_rows", FUSED_HEAD_ROWS))
     use_heads = heads if tree.max_depth else None
+    if not getattr(args, "xla_products", False):  # as infer.api runs it: the CPU kernel's panels where they apply
+        base = panels.for_decoding(cfg, base)
     scalars = (jnp.int32(capacity), jnp.float32(temperature), jnp.float32(top_p))
     # The loop carry as the prefill would leave it (shapes from eval_shape, so nothing is compiled for the prefill);
     # cache contents do not change the cost of a step.
@@ -319,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--capacity", type=int, default=256, help="output capacity the cache is sized for (default 256)")
     a("--full-window", action="store_true", help="decoding steps attend over every cache slot, not the live "
       "window (the baseline of that change; on a GPU it also shows what the per-layer lax.switch costs)")
+    a("--xla-products", action="store_true", help="on a CPU, XLA's own products instead of the packed-panel kernel "
+      "(medusa_jax.panels; the baseline of that change)")
+    a("--fused-head-rows", type=int, default=FUSED_HEAD_ROWS, help="DecodeSpec.fused_head_rows: most rows for one "
+      f"pass over the output projection for base and head logits (default {FUSED_HEAD_ROWS}; 0: two passes)")
     a("--nodes", default="16,32,64,128", help="tree sizes in nodes, root included (default 16,32,64,128)")
     a("--decode-steps", type=int, default=64, help="steps per timed decoding loop (default 64)")
     a("--repeats", type=int, default=5, help="timed repeats, the best counts (default 5)")

@@ -34,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import gpu_7b  # noqa: E402
+from infer.state import FUSED_HEAD_ROWS  # noqa: E402
 from medusa_jax import config as C  # noqa: E402
 from medusa_jax.config import HeadsConfig  # noqa: E402
 from medusa_jax.errors import MedusaError, cli_errors  # noqa: E402
@@ -114,6 +115,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--profile-runs", type=int, default=3, help="profiled runs (default 3)")
     p.add_argument("--full-window", action="store_true",
                    help="attend over every cache slot instead of the live window (DecodeSpec.live_window=False)")
+    p.add_argument("--xla-products", action="store_true",
+                   help="XLA's own products instead of the packed-panel CPU kernel (medusa_jax.panels)")
+    p.add_argument("--fused-head-rows", type=int, default=FUSED_HEAD_ROWS,
+                   help="most rows for one pass over the output projection for base and head logits "
+                        f"(DecodeSpec.fused_head_rows, default {FUSED_HEAD_ROWS}; 0: two passes)")
     p.add_argument("--top", type=int, default=12, help="op kinds listed (default 12)")
     args = p.parse_args(argv)
     with cli_errors():

@@ -77,15 +77,34 @@ def _compact(cache: model.KVCache, start: Array, slots: Array) -> model.KVCache:
     return tuple(out)
 
 
+def _used_heads(spec: DecodeSpec, heads):
+    """(heads config, parameters) of the Kd heads the tree uses: every head leaf is stacked on axis 0."""
+    kd = spec.num_heads_used
+    return dataclasses.replace(spec.heads_config, num_heads=kd), jax.tree.map(lambda p: p[:kd], heads)
+
+
+def _top(spec: DecodeSpec, head_logits: Array) -> Array:
+    """Head logits [B, Kd, V] -> each head's top-k tokens, int32 [B, Kd, k]."""
+    if spec.tree.topk == 1:  # an argmax: XLA:CPU's top_k call costs 3x the reduction (BENCHMARKS.md)
+        return sampling.greedy_token(head_logits)[..., None]
+    return jax.lax.top_k(head_logits, spec.tree.topk)[1].astype(jnp.int32)
+
+
 def _drafts(spec: DecodeSpec, base, heads, hidden: Array) -> Array:
-    """Each used head's top-k tokens from hidden [B, H] -> int32 [B, Kd, k]; head logits nowhere else."""
-    kd, topk = spec.num_heads_used, spec.tree.topk
-    if kd == 0:
-        return jnp.zeros((hidden.shape[0], 0, topk), jnp.int32)
-    used = dataclasses.replace(spec.heads_config, num_heads=kd)
-    sliced = jax.tree.map(lambda p: p[:kd], heads)  # every head leaf is stacked over heads on axis 0
-    head_logits = model.head_logits(used, spec.config, base, sliced, hidden)  # [B, Kd, V]
-    return jax.lax.top_k(head_logits, topk)[1].astype(jnp.int32)
+    """Each used head's top-k tokens from hidden [B, H] -> int32 [B, Kd, k]."""
+    if spec.num_heads_used == 0:
+        return jnp.zeros((hidden.shape[0], 0, spec.tree.topk), jnp.int32)
+    used, sliced = _used_heads(spec, heads)
+    return _top(spec, model.head_logits(used, spec.config, base, sliced, hidden))  # logits [B, Kd, V]
+
+
+def _fuse_heads(spec: DecodeSpec, batch: int) -> bool:
+    """Whether `step` gets the base logits at its N nodes and the heads' logits at all of them (it keeps the
+    accepted node's) from one pass over the shared output projection rather than two: the heads' rows wait for
+    acceptance otherwise, and each pass reads the whole [H, V] matrix. Pays while the N * Kd extra rows are
+    nearly free, i.e. for small trees (`DecodeSpec.fused_head_rows`)."""
+    kd, n = spec.num_heads_used, spec.tree.num_nodes
+    return kd > 0 and spec.heads_config.projection == "shared" and batch * n * (1 + kd) <= spec.fused_head_rows
 
 
 def _record(spec: DecodeSpec, st: DecodeState, chunk: Array, count: Array, max_new: Array):
@@ -216,7 +235,14 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
     window = jnp.max(jnp.where(st.done, 0, start)) + n if spec.live_window else None
     hidden, cache = model.forward(spec.config, base, tokens, positions, tree_mask(spec, start), cache,
                                   _cache_index(start), window=window)
-    logits = model.logits(spec.config, base, hidden)  # [B, N, V]: base logits at the tree nodes only
+    fused = _fuse_heads(spec, b)
+    if fused:
+        used, sliced = _used_heads(spec, heads)
+        states = model.head_states(used, spec.config, sliced, hidden)  # [B, N, Kd, H]
+        both = model.logits(spec.config, base, jnp.concatenate([hidden[:, :, None], states], axis=2))
+        logits = both[:, :, 0]  # [B, N, V]: base logits at the tree nodes; both[:, :, 1:] the heads'
+    else:
+        logits = model.logits(spec.config, base, hidden)  # [B, N, V]: base logits at the tree nodes only
     if spec.rule == "greedy":
         acc = acceptance.greedy(tree, tokens, logits)
     elif spec.rule == "typical":
@@ -225,7 +251,7 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
     else:
         acc = acceptance.speculative_sample(tree, key, tokens, logits, temperature, top_p, spec.use_top_p)
     last = acc.nodes[rows, acc.length]
-    drafts = _drafts(spec, base, heads, hidden[rows, last])
+    drafts = _top(spec, both[rows, last, 1:]) if fused else _drafts(spec, base, heads, hidden[rows, last])
 
     # chunk[j] = the accepted draft at depth j + 1 for j < a, then the bonus token at j = a.
     j = jnp.arange(tree.max_depth + 1)[None, :]

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infer import state
 from infer.state import DecodeSpec
-from medusa_jax import chat, model
+from medusa_jax import chat, model, panels
 from medusa_jax.bundle import Bundle
 from medusa_jax.errors import MedusaError
 from medusa_jax.tree import TreeBuffers, build_tree, resolve_tree
@@ -146,8 +147,9 @@ class Plan:
 
     def args(self, params: Bundle, cache: model.KVCache, max_new: int, seed: int, temperature: float,
              top_p: float, reused: int) -> tuple:
-        """The positional arguments of `decode.generate` after its spec."""
-        return (params.base, self.heads, jnp.asarray(self.padded),
+        """The positional arguments of `decode.generate` after its spec (the base weights packed for the CPU
+        kernel where it applies: `panels.for_decoding`)."""
+        return (panels.for_decoding(params.config, params.base), self.heads, jnp.asarray(self.padded),
                 jnp.asarray([len(p) for p in self.prompts], jnp.int32), cache, jnp.int32(max_new),
                 jnp.float32(temperature), jnp.float32(top_p), jax.random.PRNGKey(seed), jnp.int32(reused))
 
@@ -199,7 +201,7 @@ def make_plan(params: Bundle, prompt_ids, max_new_tokens: int, temperature: floa
         use_top_p=top_p < 1, capacity=capacity, cache_len=int(cache_length),
         stop_ids=tuple(int(i) for i in (default_stop_ids(params) if stop_ids is None else stop_ids)),
         epsilon=float(typical_epsilon), delta=float(typical_delta),
-        prefill_chunk=int(prefill_chunk))
+        prefill_chunk=int(prefill_chunk), fused_head_rows=state.FUSED_HEAD_ROWS)
     padded = np.zeros((len(prompts), tb), np.int32)
     for i, p in enumerate(prompts):
         padded[i, :len(p)] = p

@@ -19,6 +19,12 @@ Array = jax.Array
 
 MODES = ("greedy", "typical", "sample", "ar")
 
+# `DecodeSpec.fused_head_rows`' default. A second pass over SmolLM2's 113 MB output projection costs as much as a
+# one-row pass, and the CPU kernel's product costs about the same for 1 to 6 rows but more from there (a 3-node
+# chain, 9 rows, measured no faster in one pass: BENCHMARKS.md, "One pass over the output projection"). Read when
+# a plan is made (tests change it).
+FUSED_HEAD_ROWS = 6
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
@@ -42,6 +48,9 @@ class DecodeSpec:
         ceil((longest prompt - reused prefix) / c) forwards of c tokens in a loop, so the prefill costs what the
         new tokens need rather than the prompt's power-of-two bucket; 0 (or c >= Tb) runs one forward over the
         whole bucket.
+      fused_head_rows: most output-projection rows (B * N * (1 + Kd)) for which a step gets the base logits at
+        its N nodes and the heads' logits at all of them from one pass over the shared projection, instead of a
+        second pass for the heads at the accepted node (`decode._fuse_heads`); 0 never fuses.
     """
 
     config: LlamaConfig
@@ -56,6 +65,7 @@ class DecodeSpec:
     delta: float = 0.3
     live_window: bool = True
     prefill_chunk: int = 0
+    fused_head_rows: int = FUSED_HEAD_ROWS
 
     @property
     def num_heads_used(self) -> int:

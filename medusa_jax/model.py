@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medusa_jax import panels
 from medusa_jax.config import HeadsConfig, LlamaConfig
 
 Array = jax.Array
@@ -47,6 +48,29 @@ def precision(dtype: Any) -> jax.lax.Precision | None:
     bfloat16/float16 operands keep the backend's default (and its speed). CPUs compute float32 either way.
     """
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+class Linear(nn.Module):
+    """x [..., in] @ kernel [in, *features], no bias: `nn.DenseGeneral`'s parameter, initialisation and product.
+
+    A kernel that `panels.for_decoding` replaced by a `panels.Panels` runs on the packed-panel CPU kernel
+    (decoding on a CPU); training and every other backend keep the plain kernel and XLA's product.
+    """
+
+    features: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.has_variable("params", "kernel"):
+            packed = self.get_variable("params", "kernel")
+            if isinstance(packed, panels.Panels):
+                return panels.matmul(x, packed).astype(x.dtype)
+        shape = (x.shape[-1],) + tuple(self.features)
+        init = lambda rng, shape: nn.initializers.lecun_normal()(rng, (shape[0], math.prod(shape[1:]))).reshape(shape)
+        kernel = self.param("kernel", init, shape)
+        dtype = jnp.result_type(x, kernel)
+        return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                                   precision=precision(dtype))
 
 
 class RMSNorm(nn.Module):
@@ -136,7 +160,7 @@ def attend(q: Array, keys: Array, values: Array, mask: Array, scale: float) -> A
 
 
 def attend_window(q: Array, keys: Array, values: Array, mask: Array, scale: float,
-                  window: int | Array | None) -> Array:
+                  window: int | Array | None, kernel: bool = False) -> Array:
     """`attend` over slots [0, window) only: the slots at and beyond `window` must be masked for every query whose
     output is used (decoding lets finished rows, whose outputs are discarded, see a truncated cache).
 
@@ -144,8 +168,12 @@ def attend_window(q: Array, keys: Array, values: Array, mask: Array, scale: floa
     attention's cost grows with the slots it reads (BENCHMARKS.md, "Attention over the live window"). `window`
     is None (all slots), a Python int (a static slice) or a traced scalar: then `lax.switch` runs the branch
     of the smallest `window_sizes` entry >= window, each branch a static slice of the same cache buffers.
+    `kernel`: run the CPU attention kernel where it takes the shapes (`panels.attention`: a decoding step's few
+    query rows), which reads the window in place.
     """
     s = keys.shape[KEY_SLOT_AXIS]
+    if kernel and panels.attention_applies(q, keys):
+        return panels.attention(q, keys, values, mask, scale, window)
     if window is None:
         return attend(q, keys, values, mask, scale)
     if isinstance(window, int):
@@ -186,8 +214,7 @@ class Attention(nn.Module):
         # The kernel [H, Kv, G + 2, D] keeps each KV group's G query heads, its key and its value together, so
         # tensor parallelism over the Kv axis splits it into whole groups and attention needs no communication.
         # That holds when the tensor size divides Kv; otherwise the kernel is replicated (SmolLM2: Kv = 3).
-        p = precision(x.dtype)
-        qkv = nn.DenseGeneral((kv_heads, g + 2, d), use_bias=False, precision=p, name="qkv")(x)  # [B, T, Kv, G+2, D]
+        qkv = Linear((kv_heads, g + 2, d), name="qkv")(x)  # [B, T, Kv, G+2, D]
         q = qkv[:, :, :, :g].reshape(b, t, n, d)  # query head h uses KV head h // G, as in HF
         k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, Kv, D]
         q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
@@ -199,9 +226,11 @@ class Attention(nn.Module):
             values = write_cache(kv[1], values, cache_index, VALUE_SLOT_AXIS)  # [B*Kv, S, D]
             kv = (keys, values)
         q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g * t, d)  # [B*Kv, G*T, D]
-        out = attend_window(q, keys, values, mask, 1 / math.sqrt(d), window)  # [B*Kv, G*T, D]
+        # Decoding on packed weights (a CPU: `panels.for_decoding`) also runs the CPU attention kernel.
+        packed = isinstance(self.variables.get("params", {}).get("qkv", {}).get("kernel"), panels.Panels)
+        out = attend_window(q, keys, values, mask, 1 / math.sqrt(d), window, kernel=packed)  # [B*Kv, G*T, D]
         out = out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, n * d)
-        return nn.Dense(cfg.hidden_size, use_bias=False, precision=p, name="o")(out.astype(x.dtype)), kv
+        return Linear((cfg.hidden_size,), name="o")(out.astype(x.dtype)), kv
 
 
 class MLP(nn.Module):
@@ -211,11 +240,9 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        inner = self.config.intermediate_size
-        p = precision(x.dtype)
-        gate_up = nn.DenseGeneral((2, inner), use_bias=False, precision=p, name="gate_up")(x)  # [B, T, 2, I]
+        gate_up = Linear((2, self.config.intermediate_size), name="gate_up")(x)  # [B, T, 2, I]
         gate, up = gate_up[..., 0, :], gate_up[..., 1, :]  # kernel [H, 2, I]
-        return nn.Dense(self.config.hidden_size, use_bias=False, precision=p, name="down")(jax.nn.silu(gate) * up)
+        return Linear((self.config.hidden_size,), name="down")(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -231,18 +258,6 @@ class DecoderLayer(nn.Module):
         x = x + h
         x = x + MLP(self.config, name="mlp")(RMSNorm(eps, name="mlp_norm")(x))
         return x, kv
-
-
-class OutputProjection(nn.Module):
-    """The untied output projection [..., H] -> [..., V], kernel [H, V] (named as `nn.Dense` names it); unlike a
-    Dense built in `setup`, its matmul precision follows the input's dtype (`precision`)."""
-
-    vocab_size: int
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.vocab_size))
-        return jnp.einsum("...h,hv->...v", x, kernel.astype(x.dtype), precision=precision(x.dtype))
 
 
 class Llama(nn.Module):
@@ -262,7 +277,7 @@ class Llama(nn.Module):
         self.layers = [layer(cfg) for _ in range(cfg.num_layers)]
         self.final_norm = RMSNorm(cfg.rms_norm_eps)
         if not cfg.tie_embeddings:
-            self.lm_head = OutputProjection(cfg.vocab_size)
+            self.lm_head = Linear((cfg.vocab_size,))
 
     def __call__(self, tokens: Array, positions: Array, mask: Array, cache: KVCache | None = None,
                  cache_index: Array | None = None, window: int | Array | None = None
@@ -296,6 +311,8 @@ class Llama(nn.Module):
     def logits(self, hidden: Array) -> Array:
         """[..., H] -> [..., V] float32 logits."""
         if self.config.tie_embeddings:
+            if self.has_variable("params", panels.TIED):  # the embedding's transpose, packed for decoding
+                return panels.matmul(hidden, self.get_variable("params", panels.TIED))
             # Contract H against the embedding [V, H] as stored: `embed.attend` (hidden @ E.T) made XLA's CPU backend
             # transpose E inside a slow loop fusion (BENCHMARKS.md, "Tied output projection").
             embedding = self.embed.embedding.astype(hidden.dtype)

@@ -259,8 +259,11 @@ def test_cpu_matmul_script_times_every_row_count_in_both_libraries(capsys):
     """bench/cpu_matmul.py on the tiny shape: one row per library and dtype, a time for every M, a markdown table."""
     from bench import cpu_matmul
 
+    from medusa_jax import native
+
     res = cpu_matmul.main(["--config", "tiny", "--rows", "1,3", "--dtypes", "float32", "--repeats", "1"])
-    assert [(r["library"], r["dtype"]) for r in res] == [("jax", "float32"), ("torch", "float32")]
+    libraries = ["jax"] + (["jax panels"] if native.available() else []) + ["torch"]
+    assert [(r["library"], r["dtype"]) for r in res] == [(lib, "float32") for lib in libraries]
     assert all(set(r["ms"]) == {1, 3} and min(r["ms"].values()) > 0 for r in res)
     assert "| jax | float32 | " in capsys.readouterr().out
 
@@ -276,8 +279,9 @@ def test_cpu_matmul_script_bad_rows_is_one_error_line(rows, capsys):
 
 
 def test_step_profile_groups_the_real_step_by_op_kind(capsys):
-    """bench/step_profile.py on the tiny shape: the weight matmuls appear as `dot`, once per projection per layer;
-    control flow (the decoding loop, the attention-window switch of a 384-slot cache) is not counted as an op."""
+    """bench/step_profile.py on the tiny shape: the weight matmuls appear as `dot` (`--xla-products`) or as the CPU
+    kernel's `ffi_call`, once per projection per layer; control flow (the decoding loop, the attention-window
+    switch of a 384-slot cache) is not counted as an op."""
     import jax
 
     if jax.default_backend() != "cpu":  # started as a script it picks the CPU; here jax has already started
@@ -286,8 +290,14 @@ def test_step_profile_groups_the_real_step_by_op_kind(capsys):
     from medusa_jax import model
     from medusa_jax.config import tiny
 
-    res = step_profile.main(["--config", "tiny", "--prompt-len", "200", "--capacity", "64", "--decode-steps", "3",
-                             "--repeats", "1", "--profile-runs", "1"])
+    from medusa_jax import native
+
+    common = ["--config", "tiny", "--prompt-len", "200", "--capacity", "64", "--decode-steps", "3", "--repeats", "1",
+              "--profile-runs", "1"]
+    if native.available():  # the default: products (and tiny's head_dim-16 attention) on the CPU kernels
+        packed = {r["op"]: r for r in step_profile.main(common)["ops"]}
+        assert packed["ffi_call"]["calls_per_step"] >= 5 * tiny().num_layers and "dot" not in packed
+    res = step_profile.main(common + ["--xla-products"])
     assert res["cache_len"] == 384 and len(model.window_sizes(384)) == 2
     ops = {r["op"]: r for r in res["ops"]}
     assert ops["dot"]["calls_per_step"] >= 4 * tiny().num_layers  # qkv, o, gate_up, down in every layer

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer import generate_ids
+from infer import decode, generate_ids, state
 from medusa_jax import model
 from medusa_jax.bundle import forward_logits
 from medusa_jax.errors import MedusaError
-from infer.plan import stream_steps
+from infer.plan import make_plan, stream_steps
 from infer.testing import oracle_bundle, random_bundle
 
 TREES = ["chain:3", [1, 3, 2], "mc_sim_7b_63", "ar"]
@@ -67,7 +67,7 @@ def test_streamed_batch_equals_the_whole_generation():
     kw = dict(max_new_tokens=MAX_NEW, mode="greedy", tree="chain:3", stop_ids=(ref[9],))
     pieces: list[list[list[int]]] = []
     streamed = generate_ids(oracle(), prompts, stream=pieces.append, **kw)
-    whole = generate_ids(oracle(), prompts, **kw)
+    whole = generate_ids(rand(), prompts, **kw)
     assert streamed.tokens == whole.tokens and streamed.finish == whole.finish == ["stop", "length"]
     assert [sum((p[i] for p in pieces), []) for i in range(2)] == whole.tokens
     assert streamed.steps == whole.steps and (streamed.accepted == whole.accepted).all()
@@ -100,7 +100,7 @@ def test_greedy_medusa_equals_plain_greedy_oracle(tree, plen):
         assert out.stats()["acceptance_rate"] == 0.0
 
 
-@pytest.mark.parametrize("tree", ["mc_sim_7b_63", [1, 3, 2]], ids=str)
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", [1, 3, 2], "chain:1"], ids=str)  # chain:1: one projection pass
 def test_greedy_medusa_equals_plain_greedy_random_heads(tree):
     prompt = PROMPTS[7]
     out = generate_ids(rand(), [prompt], max_new_tokens=MAX_NEW, mode="greedy", tree=tree, stop_ids=())
@@ -237,3 +237,22 @@ def test_attention_window_equals_full_attention():
         assert len(sizes) <= model.MAX_WINDOWS and sizes[-1] == slots and sizes[-2] <= slots // 2
         assert sizes[-2] > slots // 2 - sizes[0] and all(w % model.WINDOW_BLOCK == 0 for w in sizes[:-1])
     assert model.window_sizes(100) == (100,) and model.window_sizes(255) == (255,)
+
+
+@pytest.mark.parametrize("mode, temperature", [("greedy", 0.0), ("typical", 0.7), ("sample", 0.7)])
+@pytest.mark.parametrize("tree, batch", [("chain:2", 1), ([1, 2], 1), ("chain:1", 2)], ids=str)
+def test_one_projection_pass_for_base_and_heads_decodes_the_same(monkeypatch, mode, temperature, tree, batch):
+    """Small trees read the output projection once for the base logits at the nodes and the heads' logits at all
+    of them (`DecodeSpec.fused_head_rows`); the drafts, hence tokens and acceptance at a fixed seed, are those of
+    a second pass at the accepted node. (The random bundle's heads share the base projection; the oracle's own.)"""
+    prompts = [PROMPTS[7], PROMPTS[20]][:batch]
+    kw = dict(max_new_tokens=MAX_NEW, mode=mode, temperature=temperature, tree=tree, stop_ids=(), seed=5)
+    runs = []
+    for rows in (16, 0):  # one pass (up to 16 rows: every case here), then two
+        monkeypatch.setattr(state, "FUSED_HEAD_ROWS", rows)
+        spec = make_plan(rand(), prompts, MAX_NEW, temperature, 1.0, mode, tree, (), None, 0.09, 0.3, None).spec
+        assert decode._fuse_heads(spec, batch) == (rows > 0)
+        runs.append(generate_ids(rand(), prompts, **kw))
+    fused, twice = runs
+    assert fused.tokens == twice.tokens and (fused.accepted == twice.accepted).all()
+    assert (fused.accepted > 0).any()  # drafts were accepted: the heads' logits mattered

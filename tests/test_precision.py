@@ -16,7 +16,7 @@ import pytest
 
 from infer import decode
 from infer.plan import make_plan
-from medusa_jax import model
+from medusa_jax import model, native
 from medusa_jax.config import HeadsConfig
 from train import losses
 
@@ -39,8 +39,10 @@ def _generation(bundle, dtype, mode: str, tree):
 
 
 @pytest.mark.parametrize("mode, tree", [("ar", None), ("greedy", "chain:2")])
-def test_a_float32_generation_asks_for_float32_products_everywhere(tiny_heads_bundle, mode, tree):
-    """Prefill, tree verification, heads and output projection: every product of the generation program."""
+def test_a_float32_generation_asks_for_float32_products_everywhere(tiny_heads_bundle, mode, tree, monkeypatch):
+    """Prefill, tree verification, heads and output projection: every product of the generation program (with
+    the CPU kernels off, as on a GPU: on a CPU they take the products and compute them in float32 by design)."""
+    monkeypatch.setenv(native.ENV, "off")
     dots = _dots(_generation(tiny_heads_bundle, jnp.float32, mode, tree))
     plain = [d for d in dots if "HIGHEST" not in d]
     assert not plain, f"{len(plain)} of {len(dots)} float32 products at the backend's default precision: {plain[0]}"
@@ -52,7 +54,7 @@ def test_a_bfloat16_generation_keeps_the_backend_default(tiny_heads_bundle):
 
 
 def test_the_untied_output_projection_keeps_its_parameter_name_and_values(tiny_bundle):
-    """`OutputProjection` replaces an `nn.Dense`: same parameter path and shape, same product."""
+    """`model.Linear` as the untied output projection keeps `nn.Dense`'s parameter path and shape, and its product."""
     assert not tiny_bundle.config.tie_embeddings
     kernel = tiny_bundle.base["lm_head"]["kernel"]
     assert kernel.shape == (tiny_bundle.config.hidden_size, tiny_bundle.config.vocab_size)
