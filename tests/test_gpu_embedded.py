@@ -35,7 +35,7 @@ def test_the_gpu_run_tunes_then_benchmarks_with_the_tuned_tree_on_a_cpu(tmp_path
     one; timing real steps is the tuner's own tests' business and costs most of this run on a CPU)."""
     from infer import tune_tree
 
-    monkeypatch.setattr(tune_tree, "step_time", lambda params, paths, prompt, repeats=2: 0.01 + 1e-4 * len(paths))
+    monkeypatch.setattr(tune_tree, "step_time", lambda params, paths, prompt, repeats=2, warm_up=True: 0.01 + 1e-4 * len(paths))
     question = {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now about snow."]}
     (tmp_path / "q.jsonl").write_text(json.dumps(question) + "\n")
     shipped = (DEFAULT_HEADS_DIR / "tree.json").read_bytes()

@@ -1,6 +1,7 @@
 """The tree tuner's choice: best predicted tokens/s from head accuracy and a step-time curve."""
 
 import numpy as np
+import pytest
 
 from infer.tune_tree import choose_tree
 from medusa_jax.tree import build_tree, expected_accept_length
@@ -53,8 +54,8 @@ def test_a_tree_measured_slower_than_plain_decoding_is_not_saved(monkeypatch):
     monkeypatch.setattr(tune_tree, "head_accuracy", lambda *a, **k: (ACC, 100))
     monkeypatch.setattr(tune_tree, "step_time", lambda *a, **k: 0.01)  # flat curve: the largest tree predicted best
     speeds = {False: 30.0, True: 20.0}  # tokens/s of plain decoding and of any tree, end to end
-    monkeypatch.setattr(tune_tree, "measure_speed", lambda params, prompts, paths, n: {
-        "tokens_per_s": speeds[bool(paths)], "tokens_per_step": 1.0 + bool(paths), "tokens": 10})
+    monkeypatch.setattr(tune_tree, "measure_speeds", lambda params, prompts, trees, n: [{
+        "tokens_per_s": speeds[bool(paths)], "tokens_per_step": 1.0 + bool(paths), "tokens": 10} for paths in trees])
     params = SimpleNamespace(heads_config=SimpleNamespace(num_heads=3))
     record = tune_tree.tune(params, [[1, 2]], sizes=(0, 4))
     assert record["tree"] == [] and record["num_nodes"] == 1 and record["speedup"] == 1.0
@@ -62,6 +63,63 @@ def test_a_tree_measured_slower_than_plain_decoding_is_not_saved(monkeypatch):
     speeds[True] = 40.0  # a tree that is faster end to end is kept
     record = tune_tree.tune(params, [[1, 2]], sizes=(0, 4))
     assert record["num_nodes"] == 5 and record["rejected"] is None and record["speedup"] == 40.0 / 30.0
+
+
+def test_the_end_to_end_check_decides_when_the_curve_predicts_plain_decoding(monkeypatch):
+    """A steep step-time curve predicts plain decoding, but the best drafting tree still runs next to it end to
+    end: it is saved when it decodes faster there, and named as rejected when it does not."""
+    from types import SimpleNamespace
+
+    from infer import tune_tree
+
+    monkeypatch.setattr(tune_tree, "head_accuracy", lambda *a, **k: (ACC, 100))
+    monkeypatch.setattr(tune_tree, "step_time", lambda params, paths, *a, **k: 0.01 * (1 + len(paths)))
+    speeds = {False: 30.0, True: 33.0}
+    seen = []
+
+    def fake_speeds(params, prompts, trees, n):
+        seen.append([len(t) for t in trees])
+        return [{"tokens_per_s": speeds[bool(t)], "tokens_per_step": 1.0 + 0.2 * bool(t), "tokens": 10} for t in trees]
+
+    monkeypatch.setattr(tune_tree, "measure_speeds", fake_speeds)
+    params = SimpleNamespace(heads_config=SimpleNamespace(num_heads=3))
+    want = choose_tree(ACC, {0: 0.01, 1: 0.02, 4: 0.05}, 4, min_nodes=1)
+    record = tune_tree.tune(params, [[1, 2]], sizes=(0, 1, 4))
+    assert record["predicted_num_nodes"] == 1 and seen == [[0, want[0]]]
+    assert record["tree"] == want[1] and record["num_nodes"] == want[0] + 1 and record["rejected"] is None
+    assert record["speedup"] == pytest.approx(1.1)
+    speeds[True] = 29.0
+    record = tune_tree.tune(params, [[1, 2]], sizes=(0, 1, 4))
+    assert record["tree"] == [] and record["rejected"]["tree"] == want[1]
+    record = tune_tree.tune(params, [[1, 2]], sizes=(0,))  # nothing but plain decoding measured: no candidate
+    assert record["tree"] == [] and record["rejected"] is None and seen[-1] == [0]
+
+
+def test_sizes_take_turns_and_keep_their_best_round(monkeypatch):
+    """Step times are measured round-robin over the sizes (each size compiled only in the first round) and each
+    size keeps its fastest round, so a slow spell of a shared machine cannot bend one size's point alone."""
+    from types import SimpleNamespace
+
+    from infer import tune_tree
+
+    calls = []
+    slow = {(0, 4)}  # (round, nodes) measured during a slow spell
+
+    def fake_step_time(params, paths, prompt, repeats=2, warm_up=True):
+        rnd = sum(1 for c in calls if c[1] == len(paths))
+        calls.append((rnd, len(paths), warm_up, repeats))
+        return 0.010 + 0.001 * len(paths) + (0.05 if (rnd, len(paths)) in slow else 0.0) + 0.0001 * rnd
+
+    monkeypatch.setattr(tune_tree, "head_accuracy", lambda *a, **k: (ACC, 100))
+    monkeypatch.setattr(tune_tree, "step_time", fake_step_time)
+    monkeypatch.setattr(tune_tree, "measure_speeds", lambda params, prompts, trees, n: [{
+        "tokens_per_s": 30.0, "tokens_per_step": 1.0, "tokens": 10} for _ in trees])
+    params = SimpleNamespace(heads_config=SimpleNamespace(num_heads=3))
+    record = tune_tree.tune(params, [[1, 2]], sizes=(0, 2, 4), rounds=3)
+    assert [c[1] for c in calls] == [0, 2, 4] * 3  # turns, not blocks
+    assert [c[2] for c in calls] == [True] * 3 + [False] * 6 and {c[3] for c in calls} == {1}
+    measured = {r["nodes"]: r["step_ms"] for r in record["curve"] if r["measured"]}
+    assert measured == pytest.approx({0: 10.0, 2: 12.0, 4: 14.1})  # each size's fastest round: 4 nodes' is round 1
 
 
 def test_accelerators_measure_trees_as_wide_as_the_originals_and_wider():
@@ -83,3 +141,18 @@ def test_accelerators_measure_trees_as_wide_as_the_originals_and_wider():
     assert size == 128 and len(paths) == 128
     assert rows[128]["expected_tokens_per_step"] > rows[64]["expected_tokens_per_step"] > rows[32]["expected_tokens_per_step"]
     build_tree(paths, num_heads=acc.shape[0])
+
+
+def test_step_time_of_a_real_tiny_model_with_and_without_its_warm_up():
+    """The unstubbed timing: a compiled run first (warm_up), then a timing-only call on the same executable;
+    both give a positive, finite seconds-per-step for plain decoding and for a 2-node tree."""
+    import math
+
+    from infer.testing import random_bundle
+    from infer.tune_tree import step_time
+
+    params = random_bundle(num_heads=2)
+    for paths in ([], [(0,)]):
+        first = step_time(params, paths, [1, 2, 3], repeats=1)
+        again = step_time(params, paths, [1, 2, 3], repeats=1, warm_up=False)
+        assert all(0 < t < math.inf for t in (first, again))
