@@ -67,7 +67,7 @@ def test_streamed_batch_equals_the_whole_generation():
     kw = dict(max_new_tokens=MAX_NEW, mode="greedy", tree="chain:3", stop_ids=(ref[9],))
     pieces: list[list[list[int]]] = []
     streamed = generate_ids(oracle(), prompts, stream=pieces.append, **kw)
-    whole = generate_ids(rand(), prompts, **kw)
+    whole = generate_ids(oracle(), prompts, **kw)
     assert streamed.tokens == whole.tokens and streamed.finish == whole.finish == ["stop", "length"]
     assert [sum((p[i] for p in pieces), []) for i in range(2)] == whole.tokens
     assert streamed.steps == whole.steps and (streamed.accepted == whole.accepted).all()
