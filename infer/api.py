@@ -148,7 +148,7 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
                  stream: Callable[[list[list[int]]], None] | None = None,
                  stop_ids: Sequence[int] | None = None, cache_length: int | None = None,
                  typical_epsilon: float = 0.09, typical_delta: float = 0.3,
-                 prefill_chunk: int | None = None, prefix_cache: bool = True) -> Generation:
+                 prefill_chunk: int | None = None, prefix_cache: bool = True, lookup: int | None = None) -> Generation:
     """Generates from token ids: one sequence (list of ints) or a batch (list of lists, any lengths).
 
     Args:
@@ -158,6 +158,9 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
       top_p: nucleus of the sampling distribution, in (0, 1].
       mode: "greedy", "typical", "sample", "ar" or None (greedy/sample with heads, ar without).
       tree: a tree spec (name, "chain:N", dense list, paths or TreeBuffers); None for the bundle's default.
+      lookup: draft tokens per step copied from the context (a chain under the root, verified with the tree:
+        `infer.lookup`); works without heads too (prompt lookup decoding); 0 for none; None for the bundle's
+        tuned default (`tree.json`'s "lookup", else 0).
       seed: PRNG seed (sampling).
       stream: called after the prefill and after each segment of decoding steps (`infer.plan.stream_steps()`:
         every step on a CPU) that emitted tokens, with each sequence's newly emitted ids.
@@ -174,7 +177,7 @@ def generate_ids(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, tempe
         next one (`infer.prefix_cache`). False neither reads nor records the kept prefix.
     """
     plan = make_plan(params, prompt_ids, max_new_tokens, temperature, top_p, mode, tree, stop_ids, cache_length,
-                     typical_epsilon, typical_delta, prefill_chunk)
+                     typical_epsilon, typical_delta, prefill_chunk, lookup)
     spec, prompts, max_new = plan.spec, plan.prompts, plan.max_new
     b = len(prompts)
     pool_key = (spec.config, b, spec.cache_len, str(params.dtype))
@@ -211,7 +214,7 @@ def warm_up(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, temperatur
             mode: str | None = None, tree: Any = None, stream: Callable | None = None,
             stop_ids: Sequence[int] | None = None, cache_length: int | None = None, typical_epsilon: float = 0.09,
             typical_delta: float = 0.3, prefill_chunk: int | None = None, seed: int = 0,
-            prefix_cache: bool = True) -> float:
+            prefix_cache: bool = True, lookup: int | None = None) -> float:
     """Compiles what `generate_ids` with the same arguments would run, if not compiled yet, and then runs it once
     for at most 2 new tokens on a scratch cache (an executable's first run carries one-off costs), leaving the
     kept caches and the prefix cache as they were. Returns the seconds spent compiling (0: nothing was done).
@@ -219,7 +222,7 @@ def warm_up(params: Bundle, prompt_ids, *, max_new_tokens: int = 256, temperatur
     passes one set of keyword arguments to both; its timed call then neither compiles nor runs cold."""
     del seed, prefix_cache
     plan = make_plan(params, prompt_ids, max_new_tokens, temperature, top_p, mode, tree, stop_ids, cache_length,
-                     typical_epsilon, typical_delta, prefill_chunk)
+                     typical_epsilon, typical_delta, prefill_chunk, lookup)
     cache = model.init_cache(plan.spec.config, len(plan.prompts), plan.spec.cache_len, params.dtype)
     args = plan.args(params, cache, min(2, plan.max_new), 0, temperature, top_p, 0)
     before = compile_count()
@@ -276,14 +279,14 @@ def _is_conversation(prompt: Any) -> bool:
 
 def generate(params: Bundle, prompt: Any, *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, mode: str | None = None, tree: Any = None, seed: int = 0,
-             stream: Callable[[str], None] | None = None, return_stats: bool = False):
+             stream: Callable[[str], None] | None = None, return_stats: bool = False, lookup: int | None = None):
     """Answers a chat prompt.
 
     Args:
       params: a `Bundle` with a tokenizer (`medusa_jax.load()`).
       prompt: a string (one user turn), a list of {"role", "content"} messages, or a list of those (a batch,
         answered together; the result is then a list).
-      max_new_tokens, temperature, top_p, mode, tree, seed: as `generate_ids`.
+      max_new_tokens, temperature, top_p, mode, tree, seed, lookup: as `generate_ids`.
       stream: called with successive pieces of the answer text as it is accepted (single prompt only).
       return_stats: also return a stats dict (see `Generation.stats`).
     Returns:
@@ -306,7 +309,7 @@ def generate(params: Bundle, prompt: Any, *, max_new_tokens: int = 256, temperat
     stops = default_stop_ids(params)
     text_stream = _TextStream(tokenizer, stops, stream) if stream is not None else None
     result = generate_ids(params, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          mode=mode, tree=tree, seed=seed, stream=text_stream, stop_ids=stops)
+                          mode=mode, tree=tree, seed=seed, stream=text_stream, stop_ids=stops, lookup=lookup)
     answers = [_decode(tokenizer, [t for t in seq if t not in stops]) for seq in result.tokens]
     if text_stream is not None:
         text_stream.flush(answers[0])

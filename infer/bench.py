@@ -5,13 +5,18 @@ Methods (`--methods`, comma-separated; `ar` always runs, it is the baseline):
   hf            transformers greedy `generate` on the same weights (PyTorch float32; on CUDA when JAX runs on a GPU,
                 else on this machine's CPU).
   ar            our plain autoregressive decoding (the root-only tree).
-  medusa        what `generate` does by default: greedy Medusa with all heads and the heads' tuned tree (which the
-                tuner may shrink to the root alone, i.e. plain decoding, where no tree pays on the machine).
+  medusa        what `generate` does by default: greedy Medusa with all heads and the heads' tuned tree and lookup
+                chain (which the tuner may shrink to the root alone, i.e. plain decoding, where no tree pays on the
+                machine, or to a lookup chain alone, where copied drafts pay better than the heads').
   medusa-kK     greedy Medusa with the first K heads (K = 3, 4, 5) and a tree per K: the best tree for K heads
-                from the tuner's `tree.json`, else `default_tree(K)`; `--tree` fixes one tree for every row
-                (to compare head sets, e.g. after stage 1 and after stage 2, on the same tree).
-  typical-t0.7  typical acceptance at temperature 0.7 with all heads and the bundle's tree.
+                from the tuner's `tree.json` with the lookup chain that ran fastest beside it, else
+                `default_tree(K)` with the bundle's chain; `--tree` fixes one tree for every row (to compare
+                head sets, e.g. after stage 1 and after stage 2, on the same tree).
+  typical-t0.7  typical acceptance at temperature 0.7 with all heads and the best tree for them, as medusa-kK.
   sample-t0.7   lossless speculative sampling at temperature 0.7, likewise.
+  lookupL       prompt lookup decoding: greedy with a lookup chain of L tokens copied from the context
+                (`infer.lookup`) and no heads; any Medusa row takes a "+lookupL" suffix (e.g. medusa+lookup4,
+                medusa-k3+lookup0) for that chain instead of the heads' tuned one (tree.json's "lookup").
 
 Each MT-Bench question is answered in both turns; the second turn is conditioned on the method's own first
 answer (greedy methods all produce the same text). A second turn reuses the keys and values of its first turn
@@ -115,7 +120,7 @@ def run_ours(bundle: Bundle, method: Method, paths: list, prompt: list[int], max
              reuse: bool = True) -> dict:
     """One warm, timed `generate_ids` call (`warm_up` compiles and runs its executable first when new)."""
     kw = dict(max_new_tokens=max_new, temperature=method.temperature, mode=method.mode, tree=paths or None,
-              seed=seed, prefix_cache=reuse)
+              seed=seed, prefix_cache=reuse, lookup=method.lookup)
     compile_s = warm_up(bundle, [prompt], **kw)
     g = generate_ids(bundle, [prompt], **kw)
     ran = g.accepted[0] >= 0
@@ -278,11 +283,14 @@ def bench(args: argparse.Namespace) -> dict:
                 bar.update(1)
     rows, outputs, trees = [], {}, {}
     keep = ("tokens", "text", "wall_s", "steps", "accepted", "proposed", "reused")
-    for m, _, paths, where, _ in runnable:
+    for m, mb, paths, where, _ in runnable:
         rows.append(summarise(m, records[m.name], questions))
         outputs[m.name] = [[{k: r[k] for k in keep if k in r} for r in q] for q in records[m.name]]
         if m.mode != "hf":
-            trees[m.name] = {"paths": [list(p) for p in paths], "nodes": len(paths) + 1, "source": where}
+            chain = 0 if m.mode == "ar" else m.lookup if m.lookup is not None else mb.lookup
+            trees[m.name] = {"paths": [list(p) for p in paths], "lookup": chain, "nodes": len(paths) + 1 + chain,
+                             "source": where}
+            rows[-1].update(head_nodes=len(paths), lookup=chain)  # what drafted: heads' nodes, lookup chain
     ar = next(r for r in rows if r["mode"] == "ar")
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / ar["tokens_per_s"]

@@ -60,8 +60,9 @@ def machine_info() -> dict:
 
 
 def best_medusa(rows: list[dict]) -> dict | None:
-    """The fastest greedy Medusa row, or None."""
-    medusa = [r for r in rows if r["mode"] == "greedy"]
+    """The fastest greedy Medusa row (heads drafting, with or without a lookup chain), or None. A row whose tree
+    has no head paths (a lookup chain alone, e.g. a default tuned to one) is not Medusa."""
+    medusa = [r for r in rows if r["mode"] == "greedy" and r.get("k") != 0 and r.get("head_nodes", 1) > 0]
     return max(medusa, key=lambda r: r["tokens_per_s"]) if medusa else None
 
 
@@ -102,7 +103,8 @@ def markdown(record: dict) -> str:
     for name, tree in record["trees"].items():
         if name != "ar":
             plain = " (root only: plain decoding)" if tree["nodes"] == 1 else ""
-            lines.append(f"- {name} tree: {tree['nodes']} nodes{plain}, {tree['source']}")
+            chain = f" (a lookup chain of {tree['lookup']} among them)" if tree.get("lookup") else ""
+            lines.append(f"- {name} tree: {tree['nodes']} nodes{plain}{chain}, {tree['source']}")
     greedy = [r for r in rows if r["mode"] == "greedy"]
     if greedy:
         same = min(r["identical_to_ar"] for r in greedy)
@@ -183,8 +185,8 @@ def plots(record: dict, out: Path) -> list[str]:
         plt.close(fig)
         paths.append(str(out / name))
 
-    rows = sorted((r for r in record["rows"] if r["mode"] == "greedy" and r["k"] is not None),  # medusa-kK rows
-                  key=lambda r: r["k"])
+    rows = sorted((r for r in record["rows"] if r["mode"] == "greedy" and r["k"] and "+" not in r["method"]),
+                  key=lambda r: r["k"])  # the medusa-kK rows
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     ks = [r["k"] for r in rows]
     a1.plot(ks, [r["speedup"] for r in rows], "o-", label=f"ours ({record['config']})")

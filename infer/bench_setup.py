@@ -20,42 +20,63 @@ from medusa_jax import model
 from medusa_jax.bundle import Bundle
 from medusa_jax.config import HeadsConfig
 from medusa_jax.errors import MedusaError
-from medusa_jax.tree import tree_option
+from medusa_jax.tree import MAX_LOOKUP, tree_option
 
 ALL_METHODS = ("hf", "ar", "medusa", "medusa-k3", "medusa-k4", "medusa-k5", "typical-t0.7", "sample-t0.7")
+MAX_K = 8  # medusa-kK for K in 1..MAX_K
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     """How a benchmark row decodes: `mode` of `generate_ids` at `temperature` with the first `k` heads (None: all
-    of the bundle's heads)."""
+    of the bundle's heads; 0: none, the lookup branch alone) and a lookup chain of `lookup` nodes (None: the
+    bundle's tuned one, `Bundle.lookup`)."""
 
     name: str
     mode: str
     temperature: float = 0.0
     k: int | None = None
+    lookup: int | None = None
 
 
 def parse_method(name: str) -> Method:
-    """Method from its row name (`ALL_METHODS`)."""
-    if name == "hf":
+    """Method from its row name: one of `ALL_METHODS`, medusa-kK (K in 1..8), typical-tT / sample-tT (T > 0),
+    lookupL (the lookup branch alone: prompt lookup decoding with L draft tokens, no heads), and any Medusa row
+    with a "+lookupL" suffix (that lookup chain instead of the bundle's; +lookup0 for none)."""
+    base, plus, suffix = name.partition("+lookup")
+    lookup = _lookup_length(name, suffix) if plus else None
+    if not plus and name.startswith("lookup"):
+        length = _lookup_length(name, name[len("lookup"):])
+        if length == 0:
+            raise MedusaError(f"method {name!r}: a lookup row needs at least one draft token (lookup4); "
+                              "plain decoding is the 'ar' row")
+        return Method(name, "greedy", 0.0, 0, length)
+    if base == "hf" and not plus:
         return Method("hf", "hf")
-    if name == "ar":
+    if base == "ar" and not plus:
         return Method("ar", "ar")
-    if name == "medusa":  # what `generate` does by default: all heads, the bundle's (tuned) tree
-        return Method("medusa", "greedy")
-    if name.startswith("medusa-k") and name[len("medusa-k"):].isdigit() and 1 <= int(name[len("medusa-k"):]) <= 8:
-        return Method(name, "greedy", 0.0, int(name[len("medusa-k"):]))
+    if base == "medusa":  # what `generate` does by default: all heads, the bundle's (tuned) tree
+        return Method(name, "greedy", 0.0, None, lookup)
+    k = base[len("medusa-k"):]
+    if base.startswith("medusa-k") and k.isdigit() and 1 <= int(k) <= MAX_K:
+        return Method(name, "greedy", 0.0, int(k), lookup)
     for mode in ("typical", "sample"):
-        if name.startswith(f"{mode}-t"):
+        if base.startswith(f"{mode}-t"):
             try:
-                temperature = float(name[len(mode) + 2:])
+                temperature = float(base[len(mode) + 2:])
             except ValueError:
                 break
             if temperature > 0:
-                return Method(name, mode, temperature)
-    raise MedusaError(f"unknown method {name!r}; use any of {', '.join(ALL_METHODS)} (medusa-kK for K in 1..8, "
-                      "typical-tT / sample-tT for a temperature T > 0)")
+                return Method(name, mode, temperature, None, lookup)
+    raise MedusaError(f"unknown method {name!r}; use any of {', '.join(ALL_METHODS)} (medusa-kK for K in 1..{MAX_K}, "
+                      "typical-tT / sample-tT for a temperature T > 0, lookupL, or a Medusa row + 'lookupL')")
+
+
+def _lookup_length(name: str, digits: str) -> int:
+    if not digits.isdigit() or int(digits) > MAX_LOOKUP:
+        raise MedusaError(f"method {name!r}: the lookup length must be an integer from 0 to {MAX_LOOKUP} "
+                          f"(e.g. lookup4, medusa+lookup2)")
+    return int(digits)
 
 
 def tiny_bundle(num_heads: int = 5, seed: int = 0, perturb: float = 0.02) -> Bundle:
@@ -129,7 +150,9 @@ def tuning_record(heads: str | None, source: str | None) -> dict | None:
 def method_bundle(bundle: Bundle, method: Method, record: dict | None = None,
                   fixed: list | None = None) -> tuple[Bundle | None, list, str]:
     """(bundle to decode with, tree paths, where the tree came from) for `method`; bundle None = skipped, the
-    third item then says why.
+    third item then says why. A row's lookup chain is its method's, else the one kept in the bundle returned: a
+    medusa-kK row with the tuner's tree takes the chain that ran fastest with that tree (`tune_tree.best_lookup`),
+    the others the bundle's.
 
     The tree of a Medusa row with k heads is the best tree of at least one draft node that k heads can serve,
     chosen from the tuner's record (its per-rank head accuracy and its step-time curve on the tuning machine);
@@ -138,9 +161,11 @@ def method_bundle(bundle: Bundle, method: Method, record: dict | None = None,
     """
     if method.mode == "ar":
         return bundle, [], "none (plain decoding)"
+    if method.k == 0:  # prompt lookup decoding: the lookup chain alone, no heads
+        return bundle.with_heads(None, None), [], f"none: a lookup chain of {method.lookup} alone"
     if bundle.heads is None:
         return None, [], "skipped: the model has no Medusa heads (pass --heads)"
-    if method.name == "medusa":
+    if method.name.partition("+")[0] == "medusa":  # medusa+lookupL: the same tree, another chain
         paths = [tuple(p) for p in resolve_tree_buffers(bundle, "greedy").choices]
         source = "the heads' tree.json" if bundle.tree is not None else "infer.plan.DEFAULT_TREE"
         return bundle, paths, f"generate's default tree ({source})"
@@ -149,6 +174,9 @@ def method_bundle(bundle: Bundle, method: Method, record: dict | None = None,
     if k > have:
         return None, [], f"skipped: the heads have {have} heads, fewer than {k}"
     tuned = tune_tree.best_tree(record, k) if record and fixed is None else None
+    # The chain that ran fastest beside the tuner's drafting tree: the bundle's own may be tuned for no heads.
+    chain = tune_tree.best_lookup(record) if tuned else None
+    chain = bundle.lookup if chain is None else chain
     if fixed is not None:
         depth = max((len(p) for p in fixed), default=0)
         if depth > k:
@@ -162,7 +190,7 @@ def method_bundle(bundle: Bundle, method: Method, record: dict | None = None,
         paths, where = default_tree(k), f"default_tree({k})"
     hc = dataclasses.replace(bundle.heads_config, num_heads=k)
     heads = jax.tree.map(lambda p: p[:k], bundle.heads)  # every head leaf is stacked over heads on axis 0
-    return bundle.with_heads(heads, hc, None), paths, where
+    return bundle.with_heads(heads, hc, None, chain), paths, where
 
 
 def parse_tree_option(text: str | None, bundle: Bundle) -> list | None:

@@ -13,7 +13,7 @@ import sys
 
 from infer.api import generate
 from medusa_jax.errors import MedusaError, cli_errors
-from medusa_jax.tree import tree_option
+from medusa_jax.tree import MAX_LOOKUP, tree_option
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,6 +26,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--tree", default=None,
                    help="draft tree: a name (mc_sim_7b_63), chain:N, dense:7,6, or JSON paths [[0],[0,0]]")
+    p.add_argument("--lookup", type=int, default=None,
+                   help="draft tokens per step copied from the context, verified with the tree (0 = none; "
+                        "default: the model's tuned tree.json)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--prompt", default=None, help="answer this one message and exit (no interaction)")
@@ -42,6 +45,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise MedusaError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.mode == "greedy" and args.temperature != 0:
         raise MedusaError(f"--mode greedy is for --temperature 0, got {args.temperature}; use --mode sample or typical")
+    if args.lookup is not None and not 0 <= args.lookup <= MAX_LOOKUP:
+        raise MedusaError(f"--lookup {args.lookup} must be in [0, {MAX_LOOKUP}] (0 = no lookup drafts)")
     args.tree = tree_option(args.tree)  # parsed once, before the model loads
 
 
@@ -61,7 +66,7 @@ def _answer(params, messages, args, seed: int, shown: list[str] | None = None) -
 
     text, stats = generate(params, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p, mode=args.mode, tree=args.tree, seed=seed, stream=show,
-                           return_stats=True)
+                           return_stats=True, lookup=args.lookup)
     sys.stdout.write("\n")
     return text, stats
 

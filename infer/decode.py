@@ -15,7 +15,8 @@ made XLA copy every cache buffer on every step (an in-place write after in-place
 before the forward, all writes precede all reads and the cache stays in place. When the loop ends, the last
 step's path is compacted too, so that the cache can serve the next call as a prefix (`infer.prefix_cache`).
 The next drafts come from the Medusa heads applied to the hidden state at the last accepted node of the same pass:
-no extra forward. Plain decoding is the same loop over the root-only tree (N = 1, no heads).
+no extra forward. A tree's lookup branch (`TreeBuffers.lookup`) takes its tokens from the token history the state
+carries instead (`infer.lookup`). Plain decoding is the same loop over the root-only tree (N = 1, no heads).
 The cache is sized for the longest generation, but each forward's attention reads only the smallest window of it
 that holds the live slots (`model.window_sizes`), so early steps of a long generation stay cheap.
 
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from infer import acceptance, sampling
+from infer import acceptance, lookup, sampling
 from infer.state import DecodeOutput, DecodeSpec, DecodeState
 from medusa_jax import model
 
@@ -199,6 +200,8 @@ def prefill(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cac
     last, cache = _prefill_forward(spec, base, prompt, prompt_len, cache, reused)  # [B, H]
     rng, key = jax.random.split(rng)
     root = _root(spec, key, model.logits(spec.config, base, last), temperature, top_p)
+    history = (lookup.init_history(prompt, prompt_len, root, s + lookup.slack(d)) if spec.tree.lookup
+               else jnp.zeros((b, 0), jnp.int32))
     st = DecodeState(
         cache=cache, length=prompt_len.astype(jnp.int32), root=root, drafts=_drafts(spec, base, heads, last),
         # Identity: the first step's compaction moves slots [n, n + D] onto themselves.
@@ -206,7 +209,7 @@ def prefill(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cac
         tokens=jnp.full((b, spec.capacity + d + 1), -1, jnp.int32), num_new=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool), step=jnp.int32(0), steps=jnp.zeros((b,), jnp.int32),
         accepted=jnp.full((b, spec.capacity), -1, jnp.int32), proposed=jnp.full((b, spec.capacity), -1, jnp.int32),
-        rng=rng)
+        history=history, rng=rng)
     chunk = jnp.pad(root[:, None], ((0, 0), (0, d)))  # [B, D+1]; only column 0 is emitted
     tokens, num_new, finished = _record(spec, st, chunk, jnp.ones((b,), jnp.int32), max_new)
     done = finished | (st.length + n > s)
@@ -227,8 +230,10 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
         # Destination of the previous path: its root slot (the previous start; for a finished sequence a
         # harmless in-range rewrite of its own stale slots).
         cache = _compact(cache, st.path_slots[:, 0], st.path_slots)
-    candidates = jnp.concatenate([st.root[:, None], st.drafts.reshape(b, -1)], axis=1)  # [B, 1 + Kd*k]
-    tokens = candidates[:, tree.candidate_index]  # [B, N]
+    candidates = [st.root[:, None], st.drafts.reshape(b, -1)]  # [B, 1], [B, Kd*k]
+    if tree.lookup:
+        candidates.append(lookup.drafts(st.history, st.length, tree.lookup))  # [B, L]
+    tokens = jnp.concatenate(candidates, axis=1)[:, tree.candidate_index]  # [B, N]
     positions = start[:, None] + jnp.asarray(tree.depth)[None, :]
     # Attention reads only the live part of the cache: no node of an unfinished row sees a slot at or beyond
     # max(start) + N. Finished rows (whose outputs are discarded) do not widen the window.
@@ -261,12 +266,13 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
     out, num_new, finished = _record(spec, st, chunk, count, max_new)
 
     active = ~st.done
+    history = lookup.record(st.history, chunk, st.length) if tree.lookup else st.history
     length = jnp.where(active, st.length + count, st.length)
     done = st.done | finished | (active & (length + n > s))  # no room for the next tree: stop before writing
     keep = lambda new, old: jnp.where(active.reshape((b,) + (1,) * (new.ndim - 1)), new, old)
     return st.replace(
         cache=cache, length=length, root=keep(acc.next_token, st.root), drafts=keep(drafts, st.drafts),
-        path_slots=keep(start[:, None] + acc.nodes, st.path_slots),
+        path_slots=keep(start[:, None] + acc.nodes, st.path_slots), history=keep(history, st.history),
         tokens=out, num_new=num_new, done=done, step=st.step + 1, steps=st.steps + active.astype(jnp.int32),
         accepted=st.accepted.at[:, st.step].set(jnp.where(active, acc.length, -1)),
         proposed=st.proposed.at[:, st.step].set(jnp.where(active, acc.proposed, -1)), rng=rng)

@@ -19,7 +19,7 @@ from infer.state import DecodeSpec
 from medusa_jax import chat, model, panels
 from medusa_jax.bundle import Bundle
 from medusa_jax.errors import MedusaError
-from medusa_jax.tree import TreeBuffers, build_tree, resolve_tree
+from medusa_jax.tree import MAX_LOOKUP, TreeBuffers, build_tree, resolve_tree
 
 # A small tree (9 nodes) for CPU, where a forward of 8 tokens costs about twice one token: the top-3 of head 0;
 # under its rank 0 the top-2 of head 1, under rank 1 the top-1; then a chain on the best path to depth 4. Cut to
@@ -69,35 +69,52 @@ def _check_heads(params: Bundle) -> None:
                           f"match the base vocabulary of {cfg.vocab_size}; load heads trained for this base")
 
 
-def _resolve_mode(params: Bundle, mode: str | None, temperature: float) -> str:
+def _resolve_lookup(params: Bundle, lookup: int | None) -> int:
+    """The lookup chain a call drafts: `lookup`, else the bundle's tuned one (`Bundle.lookup`)."""
+    if lookup is None:
+        return params.lookup
+    if isinstance(lookup, bool) or not isinstance(lookup, (int, np.integer)) or not 0 <= lookup <= MAX_LOOKUP:
+        raise MedusaError(f"lookup must be an integer from 0 to {MAX_LOOKUP} (draft tokens copied from the context "
+                          f"per step; 0 for none), got {lookup!r}")
+    return int(lookup)
+
+
+def _resolve_mode(params: Bundle, mode: str | None, temperature: float, lookup: int = 0) -> str:
+    drafts = params.heads is not None or lookup > 0  # a lookup branch drafts without heads
     if mode is None:
-        return ("greedy" if temperature == 0 else "sample") if params.heads is not None else "ar"
+        return ("greedy" if temperature == 0 else "sample") if drafts else "ar"
     if mode not in MEDUSA_MODES + ("ar",):
         raise MedusaError(f"unknown mode {mode!r}; use one of greedy, typical, sample, ar")
-    if mode in MEDUSA_MODES and params.heads is None:
-        raise MedusaError(f"mode {mode!r} needs Medusa heads but the bundle has none; load heads "
-                          f"(medusa_jax.load(..., heads=PATH)) or use mode 'ar'")
+    if mode in MEDUSA_MODES and not drafts:
+        raise MedusaError(f"mode {mode!r} needs Medusa heads or a lookup branch but the bundle has no heads; load "
+                          f"heads (medusa_jax.load(..., heads=PATH)), pass lookup=N, or use mode 'ar'")
     if mode == "greedy" and temperature != 0:
         raise MedusaError(f"mode 'greedy' is for temperature 0, got {temperature}; use mode 'sample' or 'typical'")
     return mode
 
 
-def resolve_tree_buffers(params: Bundle, mode: str, tree: Any = None) -> TreeBuffers:
+def resolve_tree_buffers(params: Bundle, mode: str, tree: Any = None, lookup: int = 0) -> TreeBuffers:
     """The tree a call runs: root-only for `ar`; else `tree`, the bundle's tree, or `DEFAULT_TREE` cut to the
-    heads. Top-k is the largest rank used + 1 (each head offers no more tokens than the tree reads)."""
+    heads (none without heads), with a lookup chain of `lookup` nodes. Top-k is the largest rank used + 1 (each
+    head offers no more tokens than the tree reads)."""
     if mode == "ar":
         if tree is not None and resolve_tree(tree.choices if isinstance(tree, TreeBuffers) else tree):
             raise MedusaError("mode 'ar' decodes without a tree; drop the tree argument or pick a Medusa mode")
+        if lookup:
+            raise MedusaError("mode 'ar' decodes without drafts; pass lookup=0 or pick a Medusa mode")
         return build_tree([], num_heads=0, topk=1)
-    num_heads = params.heads_config.num_heads
+    num_heads = params.heads_config.num_heads if params.heads is not None else 0
     if tree is None:
-        paths = list(params.tree) if params.tree is not None else [p for p in DEFAULT_TREE if len(p) <= num_heads]
+        paths = (list(params.tree) if params.tree is not None else
+                 [p for p in DEFAULT_TREE if len(p) <= num_heads])
     else:
         paths = list(tree.choices) if isinstance(tree, TreeBuffers) else resolve_tree(tree)
-    if not paths:  # the root-only tree: identical to plain decoding's, so it shares its executable
-        return build_tree([], num_heads=0, topk=1)
-    topk = max(max(p) + 1 for p in paths)
-    return build_tree(paths, num_heads=num_heads, topk=topk)  # TreeError (a MedusaError) if too deep
+    if paths and params.heads is None:
+        raise MedusaError("the tree's head paths need Medusa heads but the bundle has none; load heads "
+                          "(medusa_jax.load(..., heads=PATH)) or pass tree='ar' to draft from the lookup alone")
+    # The root-only tree (no paths, no lookup) is plain decoding's, so it shares its executable.
+    topk = max((max(p) + 1 for p in paths), default=1)
+    return build_tree(paths, num_heads=num_heads if paths else 0, topk=topk, lookup=lookup)  # TreeError if too deep
 
 
 def _as_batch(prompt_ids) -> list[list[int]]:
@@ -156,7 +173,8 @@ class Plan:
 
 def make_plan(params: Bundle, prompt_ids, max_new_tokens: int, temperature: float, top_p: float,
               mode: str | None, tree: Any, stop_ids: Sequence[int] | None, cache_length: int | None,
-              typical_epsilon: float, typical_delta: float, prefill_chunk: int | None) -> Plan:
+              typical_epsilon: float, typical_delta: float, prefill_chunk: int | None,
+              lookup: int | None = None) -> Plan:
     """Checks the arguments of `generate_ids` (one-line `MedusaError`s) and buckets them into a `DecodeSpec`."""
     if not isinstance(params, Bundle):
         raise MedusaError(f"params must be a medusa_jax Bundle (from medusa_jax.load), got {type(params).__name__}")
@@ -172,10 +190,12 @@ def make_plan(params: Bundle, prompt_ids, max_new_tokens: int, temperature: floa
     if prefill_chunk not in PREFILL_CHUNKS:
         raise MedusaError(f"prefill_chunk must be 0 (one forward over the whole prompt) or one of "
                           f"{', '.join(map(str, PREFILL_CHUNKS[1:]))}, got {prefill_chunk!r}")
-    mode = _resolve_mode(params, mode, temperature)
+    chain = _resolve_lookup(params, lookup)
+    mode = _resolve_mode(params, mode, temperature, chain)
     if params.heads is not None and mode != "ar":
         _check_heads(params)
-    tree_buf = resolve_tree_buffers(params, mode, tree)
+    # Plain decoding ignores the bundle's tuned lookup chain, not one asked for.
+    tree_buf = resolve_tree_buffers(params, mode, tree, chain if mode != "ar" or lookup is not None else 0)
     prompts = _as_batch(prompt_ids)
     lengths = [len(p) for p in prompts]
     context = cfg.max_position_embeddings
@@ -197,7 +217,7 @@ def make_plan(params: Bundle, prompt_ids, max_new_tokens: int, temperature: floa
     elif cache_length < tb:
         raise MedusaError(f"cache_length {cache_length} is shorter than the padded prompt ({tb} tokens)")
     spec = DecodeSpec(
-        config=cfg, heads_config=params.heads_config if tree_buf.max_depth else None, tree=tree_buf, rule=rule,
+        config=cfg, heads_config=params.heads_config if tree_buf.head_depth else None, tree=tree_buf, rule=rule,
         use_top_p=top_p < 1, capacity=capacity, cache_len=int(cache_length),
         stop_ids=tuple(int(i) for i in (default_stop_ids(params) if stop_ids is None else stop_ids)),
         epsilon=float(typical_epsilon), delta=float(typical_delta),
@@ -205,4 +225,4 @@ def make_plan(params: Bundle, prompt_ids, max_new_tokens: int, temperature: floa
     padded = np.zeros((len(prompts), tb), np.int32)
     for i, p in enumerate(prompts):
         padded[i, :len(p)] = p
-    return Plan(spec, prompts, max_new, params.heads if tree_buf.max_depth else None, padded)
+    return Plan(spec, prompts, max_new, params.heads if tree_buf.head_depth else None, padded)

@@ -69,8 +69,8 @@ class DecodeSpec:
 
     @property
     def num_heads_used(self) -> int:
-        """Kd: heads needed to fill the tree (head d-1 drafts depth d)."""
-        return self.tree.max_depth
+        """Kd: heads needed to fill the tree (head d-1 drafts depth d; the lookup branch needs none)."""
+        return self.tree.head_depth
 
 
 @struct.dataclass
@@ -92,6 +92,8 @@ class DecodeState:
       steps: int32 [B]; steps in which each sequence was still running.
       accepted: int32 [B, C]; draft tokens accepted at each step (-1 once the sequence is done).
       proposed: int32 [B, C]; draft tokens proposed on the chosen path at each step (`acceptance.Accepted`).
+      history: int32 [B, S + D + 2]; every token by position (the prompt, then each emitted token, the root at
+        `length`), which the lookup branch searches (`infer.lookup`); [B, 0] for a tree without one.
       rng: PRNG key.
     """
 
@@ -107,6 +109,7 @@ class DecodeState:
     steps: Array
     accepted: Array
     proposed: Array
+    history: Array
     rng: Array
 
 

@@ -9,6 +9,7 @@ depends on the context and a wrong tree mask, position or cache compaction chang
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -81,3 +82,22 @@ def oracle_bundle(vocab_size: int = 32, num_heads: int = 4, margin: float = 10.0
     heads = model.init_heads(hc, cfg, base)
     heads["proj"] = jnp.asarray(np.stack([projection(k + 2) for k in range(num_heads)]), jnp.float32)
     return Bundle(base=base, heads=heads, config=cfg, heads_config=hc, source="oracle"), perm
+
+
+@functools.lru_cache(maxsize=None)
+def shared_bundle(which: str) -> Bundle:
+    """The decoding tests' two bundles, built once per process: "oracle" (`oracle_bundle(mix=0.15, seed=2)`, long
+    accepted chunks) or "rand" (`random_bundle(seed=0)`, rare acceptances)."""
+    if which not in ("oracle", "rand"):
+        raise ValueError(f"shared_bundle: which must be 'oracle' or 'rand', got {which!r}")
+    return oracle_bundle(mix=0.15, seed=2)[0] if which == "oracle" else random_bundle(seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def greedy_reference(which: str, prompt: tuple, max_new: int, stop: tuple = ()) -> list[int]:
+    """Plain greedy decoding of one prompt with `shared_bundle(which)`: the ground truth every mode must match at
+    temperature 0."""
+    from infer.api import generate_ids  # infer.api imports the decoder, which tests import alongside this module
+
+    return generate_ids(shared_bundle(which), [list(prompt)], max_new_tokens=max_new, mode="ar",
+                        stop_ids=stop).tokens[0]

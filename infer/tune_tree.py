@@ -8,9 +8,12 @@ Method (measure, predict, choose, measure again):
   3. The measured cost of one decoding step as a function of the number of tree nodes on this machine.
   4. Predicted tokens/s of tree n = (1 + expected accepted length) / step time(n); n = 0 is plain decoding, so the
      chosen tree is never predicted slower than it.
-  5. The best tree with draft nodes is decoded for real next to plain decoding, prompt by prompt, and the faster
-     of the two is saved (the curve's short runs cannot resolve a few percent); both speeds are reported.
-The tree is saved as `tree.json` beside the heads; `medusa_jax.load` attaches it and `generate` uses it by default.
+  5. The best tree with draft nodes is decoded for real next to plain decoding, prompt by prompt, with each lookup
+     chain of `--lookup` added to it and on its own (`infer.lookup`: draft tokens copied from the context), and
+     the fastest of them all is saved (the curve's short runs cannot resolve a few percent); every speed is
+     reported.
+The tree and its lookup chain are saved as `tree.json` beside the heads; `medusa_jax.load` attaches them and
+`generate` uses them by default.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from infer.heads_eval import head_accuracy, topk_table
 from medusa_jax import chat
 from medusa_jax.bundle import Bundle
 from medusa_jax.errors import MedusaError, cli_errors, int_list
-from medusa_jax.tree import expected_accept_length, grow_tree_sequence
+from medusa_jax.tree import MAX_LOOKUP, expected_accept_length, grow_tree_sequence
 
 # Held-out tuning prompts, written for this purpose (never used for training; MT-Bench is kept for evaluation).
 TUNING_PROMPTS = (
@@ -52,6 +55,7 @@ TUNING_PROMPTS = (
 )
 
 CPU_SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+DEFAULT_LOOKUPS = (0, 2, 4)  # lookup chains decoded end to end with the best tree (0: none)
 # On an accelerator a batch-1 step is bound by reading the weights, so a step of many tree nodes can cost about what
 # a one-token step does, and the best tree may be as wide as the original's 64 nodes or wider (up to what the heads'
 # top-10 can serve); each size measured is one more compile, so the grid stays sparse above 32.
@@ -124,10 +128,20 @@ def best_tree(record: dict, num_heads: int, min_nodes: int = 1) -> list | None:
     return choose_tree(accuracy, step_s, max(step_s), min_nodes)[1]
 
 
-def measure_speeds(params: Bundle, prompts: list[list[int]], trees: Sequence[list], max_new_tokens: int) -> list[dict]:
-    """Greedy decoding of `prompts` with each tree of `trees` (empty = plain decoding): tokens/s and tokens per
-    step for each. The trees take turns prompt by prompt, so a slow drift of a shared machine reaches all alike."""
-    kws = [dict(mode="greedy" if paths else "ar", tree=paths or None, prefix_cache=False) for paths in trees]
+def best_lookup(record: dict) -> int | None:
+    """From a saved tuning record: the lookup chain that decoded fastest end to end together with the record's
+    drafting tree (its head paths), or None when the record has no such measurement."""
+    with_heads = [v for v in record.get("variants") or () if v["tree_nodes"] > 1]
+    return max(with_heads, key=lambda v: v["tokens_per_s"])["lookup"] if with_heads else None
+
+
+def measure_speeds(params: Bundle, prompts: list[list[int]], variants: Sequence[tuple[list, int]],
+                   max_new_tokens: int) -> list[dict]:
+    """Greedy decoding of `prompts` with each (tree paths, lookup chain) of `variants` (([], 0) = plain decoding):
+    tokens/s and tokens per step for each. The variants take turns prompt by prompt, so a slow drift of a shared
+    machine reaches all alike."""
+    kws = [dict(mode="greedy" if paths or chain else "ar", tree=paths or ("ar" if chain else None), lookup=chain,
+                prefix_cache=False) for paths, chain in variants]
     for kw in kws:
         generate_ids(params, [prompts[0]], max_new_tokens=max_new_tokens, **kw)  # compile
     sums = [[0, 0, 0.0] for _ in kws]  # tokens, steps, wall seconds
@@ -139,11 +153,13 @@ def measure_speeds(params: Bundle, prompts: list[list[int]], trees: Sequence[lis
 
 
 def tune(params: Bundle, prompts: list[list[int]], *, sizes: Sequence[int] | None = None,
-         max_new_tokens: int = 128, ranks: int = 10, rounds: int = 3) -> dict:
+         max_new_tokens: int = 128, ranks: int = 10, rounds: int = 3, lookups: Sequence[int] = (0,)) -> dict:
     """Runs the whole method; returns the record saved as tree.json. `sizes`: default `default_sizes()`.
-    `rounds`: passes over all sizes when timing steps, the best of them kept for each size."""
+    `rounds`: passes over all sizes when timing steps, the best of them kept for each size. `lookups`: lookup
+    chains decoded end to end with the best drafting tree and alone (0, none, always)."""
     num_heads = params.heads_config.num_heads
     sizes = tuple(sizes) if sizes is not None else default_sizes()
+    lookups = sorted(set(lookups) | {0})
     t0 = time.time()
     accuracy, count = head_accuracy(params, prompts, max_new_tokens=max_new_tokens, ranks=ranks)
     trees = grow_tree_sequence(accuracy, max(sizes))
@@ -158,24 +174,30 @@ def tune(params: Bundle, prompts: list[list[int]], *, sizes: Sequence[int] | Non
                 bar.update()
     predicted, _, rows = choose_tree(accuracy, step_s, max(sizes))
     # The step-time curve comes from short differenced runs with a short cache, which a noisy machine can bend
-    # and which leave out what whole answers also pay; when it ranks the best drafting tree close to plain
-    # decoding, only decoding both end to end tells them apart. So that tree (the predicted best when it drafts)
-    # is decoded next to plain decoding, prompt by prompt, and the faster one is saved: the default is never
-    # slower than plain decoding as measured here.
+    # and which leave out what whole answers also pay (and the lookup chain's acceptance, which depends on the
+    # text); when it ranks the best drafting tree close to plain decoding, only decoding both end to end tells
+    # them apart. So that tree (the predicted best when it drafts), with and without each lookup chain, and each
+    # chain alone, is decoded next to plain decoding, prompt by prompt, and the fastest is saved: the default is
+    # never slower than plain decoding as measured here.
     size, paths, _ = choose_tree(accuracy, step_s, max(sizes), min_nodes=1) if max(sizes) > 0 else (0, [], rows)
-    speeds = measure_speeds(params, prompts, [[], paths] if paths else [[]], max_new_tokens)
-    ar, best = speeds[0], speeds[-1]
+    variants = [([], 0)] + [(paths, chain) for chain in lookups if paths] + [([], c) for c in lookups if c]
+    speeds = measure_speeds(params, prompts, variants, max_new_tokens)
+    ar = speeds[0]
+    pick = max(range(len(variants)), key=lambda i: (speeds[i]["tokens_per_s"], -i))  # ties: the simpler one
+    chosen, chain = variants[pick]
     rejected = None
-    if paths and best["tokens_per_s"] < ar["tokens_per_s"]:
-        rejected = {"tree": paths, "num_nodes": size + 1, "measured": best}
-        size, paths, best = 0, [], ar
+    if paths and chosen != paths:  # the drafting tree lost to plain decoding (or to a lookup chain alone)
+        best_with = max((i for i, (p, _) in enumerate(variants) if p), key=lambda i: speeds[i]["tokens_per_s"])
+        rejected = {"tree": paths, "num_nodes": size + 1, "lookup": variants[best_with][1],
+                    "measured": speeds[best_with]}
     return {
-        "tree": paths, "num_nodes": size + 1, "num_heads": num_heads, "rejected": rejected,
+        "tree": chosen, "num_nodes": len(chosen) + 1, "lookup": chain, "num_heads": num_heads, "rejected": rejected,
         "predicted_num_nodes": predicted + 1,
         "accuracy": topk_table(accuracy), "accuracy_ranks": np.round(accuracy, 5).tolist(),
         "accuracy_positions": count,
-        "curve": rows, "measured_ar": ar, "measured_tree": best,
-        "speedup": best["tokens_per_s"] / ar["tokens_per_s"],
+        "curve": rows, "measured_ar": ar, "measured_tree": speeds[pick],
+        "variants": [{"tree_nodes": len(p) + 1, "lookup": c, **sp} for (p, c), sp in zip(variants, speeds)],
+        "speedup": speeds[pick]["tokens_per_s"] / ar["tokens_per_s"],
         "machine": machine_description(), "date": datetime.date.today().isoformat(),
         "tuning_s": round(time.time() - t0, 1),
     }
@@ -206,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{','.join(map(str, CPU_SIZES))} on a CPU, up to {ACCELERATOR_SIZES[-1]} on an accelerator)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="passes over all sizes when timing steps; the best per size is kept (default 3)")
+    ap.add_argument("--lookup", default=",".join(map(str, DEFAULT_LOOKUPS)),
+                    help="lookup chains (draft tokens copied from the context) decoded end to end with the best "
+                    f"tree and alone; 0 = none, always measured (default {','.join(map(str, DEFAULT_LOOKUPS))})")
     ap.add_argument("--out", default=None, help="where to write tree.json (default: beside the heads)")
     args = ap.parse_args(argv)
     with cli_errors():
@@ -215,12 +240,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         sizes = sorted(set(default_sizes() if args.sizes is None else int_list(args.sizes, "--sizes", 0)) | {0})
         if min(args.num_prompts, args.max_new_tokens, args.rounds) < 1:
             raise MedusaError("--num-prompts, --max-new-tokens and --rounds must be at least 1")
+        lookups = int_list(args.lookup, "--lookup", 0)
+        if max(lookups, default=0) > MAX_LOOKUP:
+            raise MedusaError(f"--lookup: chains are at most {MAX_LOOKUP} tokens long, got {max(lookups)}")
         params = load(args.model, heads=args.heads)
         if params.heads is None:
             raise MedusaError("the model has no Medusa heads to tune a tree for; pass --heads PATH")
         prompts = _prompt_ids(params, args.prompts, args.num_prompts)
         record = tune(params.with_heads(params.heads, params.heads_config, None), prompts, sizes=sizes,
-                      max_new_tokens=args.max_new_tokens, rounds=args.rounds)
+                      max_new_tokens=args.max_new_tokens, rounds=args.rounds, lookups=lookups)
         if args.out:
             out = Path(args.out)
         elif args.heads:
@@ -243,9 +271,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if record["rejected"]:
             r = record["rejected"]
             print(f"best drafting tree: {r['num_nodes']} nodes {r['tree']}, measured "
-                  f"{r['measured']['tokens_per_s']:.1f} tok/s against plain decoding's {a['tokens_per_s']:.1f}: "
-                  "keeping plain decoding")
-        print(f"\nchosen tree: {record['num_nodes']} nodes {record['tree']}\n"
+                  f"{r['measured']['tokens_per_s']:.1f} tok/s at best, against plain decoding's "
+                  f"{a['tokens_per_s']:.1f}: not kept")
+        print("\n| tree nodes | lookup chain | tokens/s | tokens/step |\n|---|---|---|---|")
+        for v in record["variants"]:
+            print(f"| {v['tree_nodes']} | {v['lookup']} | {v['tokens_per_s']:.1f} | {v['tokens_per_step']:.2f} |")
+        print(f"\nchosen tree: {record['num_nodes']} nodes {record['tree']}, lookup chain {record['lookup']}\n"
               f"measured greedy: plain {a['tokens_per_s']:.1f} tok/s, Medusa {b['tokens_per_s']:.1f} tok/s "
               f"({b['tokens_per_step']:.2f} tokens/step), speedup {record['speedup']:.2f}x on {record['machine']}\n"
               f"saved {out}")

@@ -24,6 +24,8 @@ class Bundle:
       heads_config: the heads' `HeadsConfig`, or None without heads.
       tokenizer: a transformers tokenizer, or None (the `tiny` test model).
       tree: the default draft tree shipped beside the heads (tuple of paths), or None.
+      lookup: the default lookup chain shipped with that tree (draft tokens copied from the context per step:
+        `infer.lookup`), 0 for none.
       source: where the weights came from, for messages.
     """
 
@@ -33,15 +35,17 @@ class Bundle:
     heads_config: HeadsConfig | None = struct.field(pytree_node=False, default=None)
     tokenizer: Any = struct.field(pytree_node=False, default=None)
     tree: tuple | None = struct.field(pytree_node=False, default=None)
+    lookup: int = struct.field(pytree_node=False, default=0)
     source: str = struct.field(pytree_node=False, default="")
 
     @property
     def dtype(self):
         return jax.tree.leaves(self.base)[0].dtype
 
-    def with_heads(self, heads: Any, heads_config: HeadsConfig | None, tree: tuple | None = None) -> "Bundle":
-        """The same base with other heads (None removes them)."""
-        return self.replace(heads=heads, heads_config=heads_config, tree=tree)
+    def with_heads(self, heads: Any, heads_config: HeadsConfig | None, tree: tuple | None = None,
+                   lookup: int = 0) -> "Bundle":
+        """The same base with other heads (None removes them) and their default tree and lookup chain."""
+        return self.replace(heads=heads, heads_config=heads_config, tree=tree, lookup=lookup)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -6,6 +6,10 @@ once per tree; the decoding step closes over the resulting `TreeBuffers` as stat
 
 Node order follows the original (`generate_medusa_buffers`): root first, then `sorted(paths, key=(len, path))`,
 i.e. depth-major then lexicographic, so a node's children follow it and siblings appear in rank order.
+
+A tree may also carry a lookup branch (`build_tree(..., lookup=L)`): a chain of L nodes under the root whose tokens
+are not a head's guesses but the tokens that followed the latest earlier occurrence of the context's last few
+tokens (`infer.lookup`). Its nodes come after the heads' nodes; verification treats them like any other branch.
 """
 
 from __future__ import annotations
@@ -178,18 +182,22 @@ def _shallow_suggestions(num_heads: int) -> str:
 class TreeBuffers:
     """Static index arrays for one tree (N nodes incl. the root, P root-to-leaf paths, max depth D).
 
-    Equality and hashing use only (choices, num_heads, topk), which determine every array, so a TreeBuffers can be
-    a static argument of `jax.jit`. Arrays are read-only.
+    Equality and hashing use only (choices, num_heads, topk, lookup), which determine every array, so a
+    TreeBuffers can be a static argument of `jax.jit`. Arrays are read-only.
 
     Attributes:
-      choices: the draft paths sorted by (len, path); node i >= 1 is choices[i - 1].
+      choices: the draft paths sorted by (len, path); node i in [1, len(choices)] is choices[i - 1].
       num_heads, topk: K heads, each offering its top-`topk` tokens.
-      num_nodes, num_paths, max_depth: N, P, D.
+      lookup: L, nodes of the lookup chain under the root (nodes len(choices) + 1 .. len(choices) + L, depths 1..L).
+      head_depth: Kd, the deepest head path (heads 0..Kd-1 are the ones the tree reads; 0 without head paths).
+      num_nodes, num_paths, max_depth: N, P, D (D = max(Kd, L)).
       attn_mask: bool [N, N]; row i is True at i, its ancestors and the root (node 0).
       depth: int32 [N]; root 0, else len(path). Position id of node i is n + depth[i] (n = tokens cached).
-      candidate_index: int32 [N]; index into the flat candidates `[root, head0_top{topk}, head1_top{topk}, ...]`
-        (length 1 + K*topk): root -> 0, path p -> 1 + (len(p)-1)*topk + p[-1] (the original's tree_indices).
-      head_index, rank_index: int32 [N-1]; for non-root node i, its token is top-k[head_index[i-1], rank_index[i-1]].
+      candidate_index: int32 [N]; index into the flat candidates `[root, head0_top{topk}, ..., head{Kd-1}_top{topk},
+        lookup_1, ..., lookup_L]` (length 1 + Kd*topk + L): root -> 0, path p -> 1 + (len(p)-1)*topk + p[-1] (the
+        original's tree_indices), lookup node at depth d -> 1 + Kd*topk + d - 1.
+      head_index, rank_index: int32 [N-1]; for non-root node i, its token is top-k[head_index[i-1], rank_index[i-1]]
+        (-1 and the depth - 1 for lookup nodes).
       parent: int32 [N]; root -> -1, depth-1 nodes -> 0.
       paths: int32 [P, D+1]; node indices of each root-to-leaf path, root first, in the original's
         retrieve_indices order (deepest / last-sorted leaf first). Entries at j >= path_len[p] are padding equal to
@@ -203,6 +211,8 @@ class TreeBuffers:
     choices: tuple[Path, ...]
     num_heads: int
     topk: int
+    lookup: int
+    head_depth: int
     num_nodes: int
     num_paths: int
     max_depth: int
@@ -219,11 +229,11 @@ class TreeBuffers:
 
     @property
     def num_candidates(self) -> int:
-        """Length of the flat candidate vector: 1 + num_heads * topk."""
-        return 1 + self.num_heads * self.topk
+        """Length of the decoder's flat candidate vector: 1 + head_depth * topk + lookup."""
+        return 1 + self.head_depth * self.topk + self.lookup
 
     def _key(self) -> tuple:
-        return (self.choices, self.num_heads, self.topk)
+        return (self.choices, self.num_heads, self.topk, self.lookup)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TreeBuffers) and self._key() == other._key()
@@ -234,7 +244,7 @@ class TreeBuffers:
     def __repr__(self) -> str:
         return (
             f"TreeBuffers(N={self.num_nodes}, P={self.num_paths}, D={self.max_depth}, "
-            f"num_heads={self.num_heads}, topk={self.topk})"
+            f"num_heads={self.num_heads}, topk={self.topk}, lookup={self.lookup})"
         )
 
 
@@ -244,28 +254,45 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def build_tree(spec: TreeSpec, num_heads: int, topk: int = DEFAULT_TOPK) -> TreeBuffers:
-    """Builds the static buffers for a tree spec (anything `resolve_tree` accepts) served by `num_heads` heads."""
+MAX_LOOKUP = 16  # longest lookup chain `build_tree` accepts
+
+
+def build_tree(spec: TreeSpec, num_heads: int, topk: int = DEFAULT_TOPK, lookup: int = 0) -> TreeBuffers:
+    """Builds the static buffers for a tree spec (anything `resolve_tree` accepts) served by `num_heads` heads,
+    plus a lookup chain of `lookup` nodes under the root (0: none; see the module docstring)."""
     if num_heads < 0:
         raise TreeError(f"num_heads must be >= 0, got {num_heads}")
+    if not _is_int(lookup) or not 0 <= lookup <= MAX_LOOKUP:
+        raise TreeError(f"lookup must be an integer from 0 to {MAX_LOOKUP} (draft tokens copied from the context), "
+                        f"got {lookup!r}")
+    lookup = int(lookup)
     paths = resolve_tree(spec)
     validate_tree(paths, num_heads=num_heads, topk=topk)
     choices = tuple(sorted(paths, key=lambda p: (len(p), p)))
-    n = len(choices) + 1
+    m = len(choices)
+    n = m + 1 + lookup
     node_of: dict[Path, int] = {(): 0, **{p: i + 1 for i, p in enumerate(choices)}}
+    head_depth = max((len(p) for p in choices), default=0)
 
-    depth = np.array([0] + [len(p) for p in choices], dtype=np.int32)
-    parent = np.array([-1] + [node_of[p[:-1]] for p in choices], dtype=np.int32)
-    head_index = np.array([len(p) - 1 for p in choices], dtype=np.int32)
-    rank_index = np.array([p[-1] for p in choices], dtype=np.int32)
-    # Fixed stride `topk` per head, independent of the tree's branching (reference §6 item 9).
-    candidate_index = np.concatenate([[0], 1 + head_index * topk + rank_index]).astype(np.int32)
+    chain_depths = np.arange(1, lookup + 1)
+    depth = np.concatenate([[0], [len(p) for p in choices], chain_depths]).astype(np.int32)
+    # The lookup chain: node m + d at depth d, under the root (d = 1) or the chain's previous node.
+    parent = np.concatenate([[-1], [node_of[p[:-1]] for p in choices],
+                             np.where(chain_depths == 1, 0, m + chain_depths - 1)]).astype(np.int32)
+    head_index = np.concatenate([[len(p) - 1 for p in choices], np.full(lookup, -1)]).astype(np.int32)
+    rank_index = np.concatenate([[p[-1] for p in choices], chain_depths - 1]).astype(np.int32)
+    # Fixed stride `topk` per head, independent of the tree's branching (reference §6 item 9); the lookup tokens
+    # follow the heads' Kd * topk candidates.
+    candidate_index = np.concatenate([[0], 1 + head_index[:m] * topk + rank_index[:m],
+                                      1 + head_depth * topk + chain_depths - 1]).astype(np.int32)
 
     attn_mask = np.eye(n, dtype=bool)
     attn_mask[:, 0] = True
     for i, p in enumerate(choices, start=1):
         for d in range(1, len(p)):
             attn_mask[i, node_of[p[:d]]] = True
+    for d in chain_depths:
+        attn_mask[m + d, m + 1:m + d] = True  # the chain's earlier nodes
 
     kids: list[list[int]] = [[] for _ in range(n)]
     for i in range(1, n):
@@ -292,6 +319,8 @@ def build_tree(spec: TreeSpec, num_heads: int, topk: int = DEFAULT_TOPK) -> Tree
         choices=choices,
         num_heads=num_heads,
         topk=topk,
+        lookup=lookup,
+        head_depth=head_depth,
         num_nodes=n,
         num_paths=len(leaves),
         max_depth=max_depth,

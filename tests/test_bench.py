@@ -167,6 +167,10 @@ def test_markdown_table_printed_and_plots_are_pngs(run):
     (["--tree", "[[0], [0, 0"], "--tree: tree '[[0], [0, 0' is not valid JSON"),
     (["--tree", "[[1, 0]]"], "needs its prefix [1]"),
     (["--tree", "chain:6"], "tree depth 6 needs at least 6 Medusa heads, the model has 5"),
+    (["--methods", "ar,lookup0"], "a lookup row needs at least one draft token"),
+    (["--methods", "ar,lookup99"], "the lookup length must be an integer from 0 to"),
+    (["--methods", "medusa+lookupx"], "the lookup length must be an integer"),
+    (["--methods", "ar+lookup2"], "unknown method 'ar+lookup2'"),
 ])
 def test_bad_input_is_one_error_line(argv, message, capsys, questions_file):
     if "--questions" not in argv:
@@ -193,6 +197,40 @@ def test_tree_option_fixes_one_tree_for_every_medusa_row():
     assert method_bundle(bundle, parse_method("ar"), None, fixed)[1] == []  # the baseline stays plain
     assert parse_tree_option(None, bundle) is None
     assert method_bundle(bundle, parse_method("medusa-k3"), record)[2].startswith("best tree for 3 heads")
+
+
+def test_lookup_rows_parse_and_bundle():
+    """lookupL: the chain alone on the heads-less base; +lookupL: that chain on a Medusa row's tree."""
+    from infer.bench_setup import method_bundle, parse_method, tiny_bundle
+
+    m = parse_method("lookup4")
+    assert (m.mode, m.k, m.lookup) == ("greedy", 0, 4)
+    assert (parse_method("medusa-k3+lookup2").k, parse_method("medusa-k3+lookup2").lookup) == (3, 2)
+    assert parse_method("typical-t0.7+lookup0").lookup == 0 and parse_method("medusa").lookup is None
+    mb, paths, where = method_bundle(tiny_bundle(), m, None)
+    assert mb.heads is None and paths == [] and "lookup chain of 4 alone" in where
+
+
+def test_medusa_rows_take_the_chain_that_ran_fastest_with_heads():
+    """A tuning record whose default is a lookup chain alone: the medusa-kK rows keep head paths (the record's
+    best tree) with the chain measured fastest beside them, not the head-less default's chain; and the Medusa
+    target line ignores a row whose tree has no head paths."""
+    from infer import bench_report, tune_tree
+    from infer.bench_setup import method_bundle, parse_method, tiny_bundle
+
+    record = {"accuracy_ranks": [[0.5, 0.2], [0.3, 0.1]], "curve": [
+        {"nodes": n, "step_ms": 10.0 + n, "measured": True} for n in range(4)], "variants": [
+        {"tree_nodes": 1, "lookup": 0, "tokens_per_s": 10.0}, {"tree_nodes": 3, "lookup": 0, "tokens_per_s": 11.0},
+        {"tree_nodes": 3, "lookup": 2, "tokens_per_s": 13.0}, {"tree_nodes": 1, "lookup": 4, "tokens_per_s": 14.0}]}
+    assert tune_tree.best_lookup(record) == 2 and tune_tree.best_lookup({"variants": []}) is None
+    bundle = tiny_bundle().replace(tree=(), lookup=4)
+    mb, paths, _ = method_bundle(bundle, parse_method("medusa-k2"), record)
+    assert paths and mb.lookup == 2
+    mb, _, _ = method_bundle(bundle, parse_method("medusa-k2"), None)  # no record: the bundle's chain
+    assert mb.lookup == 4
+    rows = [{"method": "medusa", "mode": "greedy", "k": None, "head_nodes": 0, "tokens_per_s": 14.0},
+            {"method": "medusa-k2", "mode": "greedy", "k": 2, "head_nodes": 2, "tokens_per_s": 13.0}]
+    assert bench_report.best_medusa(rows)["method"] == "medusa-k2"
 
 
 def test_malformed_question_file(tmp_path):

@@ -18,28 +18,20 @@ from medusa_jax import model
 from medusa_jax.bundle import forward_logits
 from medusa_jax.errors import MedusaError
 from infer.plan import make_plan, stream_steps
-from infer.testing import oracle_bundle, random_bundle
+from infer.testing import greedy_reference, shared_bundle
 
 TREES = ["chain:3", [1, 3, 2], "mc_sim_7b_63", "ar"]
 PROMPTS = {1: [7], 7: [3, 4, 5, 6, 7, 8, 9], 20: [(5 * i + 3) % 30 + 1 for i in range(20)]}
 MAX_NEW = 48
 
 
-@functools.lru_cache(maxsize=None)
-def oracle():
-    return oracle_bundle(mix=0.15, seed=2)[0]
+oracle = functools.partial(shared_bundle, "oracle")
+rand = functools.partial(shared_bundle, "rand")
 
 
-@functools.lru_cache(maxsize=None)
-def rand():
-    return random_bundle(seed=0)
-
-
-@functools.lru_cache(maxsize=None)
 def reference(which: str, prompt: tuple, max_new: int = MAX_NEW, stop: tuple = ()) -> list[int]:
     """Plain greedy decoding (batch 1): the ground truth every mode must match at temperature 0."""
-    bundle = oracle() if which == "oracle" else rand()
-    return generate_ids(bundle, [list(prompt)], max_new_tokens=max_new, mode="ar", stop_ids=stop).tokens[0]
+    return greedy_reference(which, prompt, max_new, stop)
 
 
 def _emitted_per_step(gen, row=0) -> list[int]:

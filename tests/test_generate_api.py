@@ -190,6 +190,25 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_conversation(monkeypatch, ca
                         {"role": "user", "content": "again"}]
 
 
+def test_chat_passes_lookup_through(monkeypatch, capsys):
+    """`--lookup N` reaches generate (default None: the model's tuned value)."""
+    import medusa_jax
+    from infer import chat
+
+    seen: list = []
+
+    def fake_generate(params, messages, stream=None, **kw):
+        seen.append(kw["lookup"])
+        stream("ok")
+        return "ok", {"new_tokens": 1, "wall_s": 1.0, "tokens_per_s": 1.0, "mean_accepted": 1.0, "steps": 1}
+
+    monkeypatch.setattr(medusa_jax, "load", lambda *a, **k: bundle())
+    monkeypatch.setattr(chat, "generate", fake_generate)
+    chat.main(["--prompt", "hi", "--lookup", "3"])
+    chat.main(["--prompt", "hi"])
+    assert seen == [3, None] and "ok" in capsys.readouterr().out
+
+
 def test_an_interrupted_stream_leaves_later_calls_exact():
     """Ctrl-C (KeyboardInterrupt from the stream's sink) while segments run: the exception reaches the caller,
     and later calls, streamed or not, give what they give in a fresh process."""

@@ -23,7 +23,7 @@ PROMPT = [3, 4, 5, 6, 7]
 TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]  # siblings at two levels and depth 3
 DRAWS = 4000
 VOCAB = 12
-# Each goodness-of-fit p-value must exceed ALPHA. The file computes about 25 of them, so a per-test 0.01 would fail
+# Each goodness-of-fit p-value must exceed ALPHA. The file computes about 35 of them, so a per-test 0.01 would fail
 # a correct sampler about once in five runs of a new random stream; 1e-3 (Bonferroni) keeps that near 2.5%, while
 # a biased scheme lands far below it (typical acceptance: < 1e-6, `test_biased_scheme_is_detected`).
 ALPHA = 1e-3
@@ -74,9 +74,10 @@ def _chi2_pvalue(observed: np.ndarray, probs: np.ndarray) -> float:
     return float(stats.chisquare(obs, exp).pvalue)
 
 
-def _draw(mode: str, temperature: float, top_p: float, seed: int = 0):
+def _draw(mode: str, temperature: float, top_p: float, seed: int = 0, tree=TREE, lookup: int = 0):
     out = generate_ids(bundle(), [PROMPT] * DRAWS, max_new_tokens=3, temperature=temperature, top_p=top_p,
-                       mode=mode, tree=None if mode == "ar" else TREE, seed=seed, stop_ids=(), cache_length=32)
+                       mode=mode, tree=None if mode == "ar" else tree, seed=seed, stop_ids=(), cache_length=32,
+                       lookup=lookup)
     toks = np.array(out.tokens)
     assert toks.shape == (DRAWS, 3)
     return toks, out
@@ -104,6 +105,17 @@ def test_distribution_matches_exact(mode, temperature, top_p):
         # The speculative path really ran: many steps accepted drafts, some at depth >= 2.
         acc = out.accepted[out.accepted >= 0]
         assert (acc >= 1).mean() > 0.2 and (acc >= 2).sum() > 100
+
+
+@pytest.mark.parametrize("tree, lookup", [(TREE, 2), ("ar", 3)], ids=["tree+lookup2", "lookup3"])
+def test_sampling_with_a_lookup_chain_matches_exact(tree, lookup):
+    """The lookup branch's drafts (a function of the context, `infer.lookup`) may repeat a head's sibling token:
+    the rejected token's residual mass is 0 then, so the walk stays lossless."""
+    toks, out = _draw("sample", 1.0, 1.0, seed=5, tree=tree, lookup=lookup)
+    pvals = _pvalues(toks, exact_joint(1.0, 1.0))
+    assert min(pvals.values()) > ALPHA, pvals
+    # Drafts were accepted: a lookup draft is one guess among 12 tokens, taken in about 1 step in 10 here.
+    assert (out.accepted[out.accepted >= 0] >= 1).mean() > 0.05
 
 
 def test_biased_scheme_is_detected():

@@ -55,7 +55,7 @@ def test_a_tree_measured_slower_than_plain_decoding_is_not_saved(monkeypatch):
     monkeypatch.setattr(tune_tree, "step_time", lambda *a, **k: 0.01)  # flat curve: the largest tree predicted best
     speeds = {False: 30.0, True: 20.0}  # tokens/s of plain decoding and of any tree, end to end
     monkeypatch.setattr(tune_tree, "measure_speeds", lambda params, prompts, trees, n: [{
-        "tokens_per_s": speeds[bool(paths)], "tokens_per_step": 1.0 + bool(paths), "tokens": 10} for paths in trees])
+        "tokens_per_s": speeds[bool(paths)], "tokens_per_step": 1.0 + bool(paths), "tokens": 10} for paths, _ in trees])
     params = SimpleNamespace(heads_config=SimpleNamespace(num_heads=3))
     record = tune_tree.tune(params, [[1, 2]], sizes=(0, 4))
     assert record["tree"] == [] and record["num_nodes"] == 1 and record["speedup"] == 1.0
@@ -78,8 +78,9 @@ def test_the_end_to_end_check_decides_when_the_curve_predicts_plain_decoding(mon
     seen = []
 
     def fake_speeds(params, prompts, trees, n):
-        seen.append([len(t) for t in trees])
-        return [{"tokens_per_s": speeds[bool(t)], "tokens_per_step": 1.0 + 0.2 * bool(t), "tokens": 10} for t in trees]
+        seen.append([len(t) for t, _ in trees])
+        return [{"tokens_per_s": speeds[bool(t)], "tokens_per_step": 1.0 + 0.2 * bool(t), "tokens": 10}
+                for t, _ in trees]
 
     monkeypatch.setattr(tune_tree, "measure_speeds", fake_speeds)
     params = SimpleNamespace(heads_config=SimpleNamespace(num_heads=3))
@@ -93,6 +94,39 @@ def test_the_end_to_end_check_decides_when_the_curve_predicts_plain_decoding(mon
     assert record["tree"] == [] and record["rejected"]["tree"] == want[1]
     record = tune_tree.tune(params, [[1, 2]], sizes=(0,))  # nothing but plain decoding measured: no candidate
     assert record["tree"] == [] and record["rejected"] is None and seen[-1] == [0]
+
+
+def test_lookup_chains_are_decoded_with_the_tree_and_alone(monkeypatch):
+    """With `lookups`, the best drafting tree runs end to end with each chain added and each chain runs alone, next
+    to plain decoding; the fastest of them is saved, its chain as "lookup"."""
+    from types import SimpleNamespace
+
+    from infer import tune_tree
+
+    monkeypatch.setattr(tune_tree, "head_accuracy", lambda *a, **k: (ACC, 100))
+    monkeypatch.setattr(tune_tree, "step_time", lambda *a, **k: 0.01)
+    speed = {}
+    seen = []
+
+    def fake_speeds(params, prompts, variants, n):
+        seen.append([(len(p), c) for p, c in variants])
+        return [{"tokens_per_s": speed.get((bool(p), c), 30.0), "tokens_per_step": 1.0, "tokens": 10}
+                for p, c in variants]
+
+    monkeypatch.setattr(tune_tree, "measure_speeds", fake_speeds)
+    params = SimpleNamespace(heads_config=SimpleNamespace(num_heads=3))
+    speed.update({(True, 0): 33.0, (True, 2): 40.0, (True, 4): 38.0, (False, 2): 35.0})
+    record = tune_tree.tune(params, [[1, 2]], sizes=(0, 4), lookups=(4, 2))
+    assert seen[-1] == [(0, 0), (4, 0), (4, 2), (4, 4), (0, 2), (0, 4)]
+    assert record["lookup"] == 2 and len(record["tree"]) == 4 and record["rejected"] is None
+    assert record["speedup"] == pytest.approx(40.0 / 30.0) and len(record["variants"]) == 6
+    assert {(v["tree_nodes"], v["lookup"]): v["tokens_per_s"] for v in record["variants"]}[(1, 2)] == 35.0
+    speed[(False, 4)] = 45.0  # a chain alone beats every tree: the heads' tree is named as not kept
+    record = tune_tree.tune(params, [[1, 2]], sizes=(0, 4), lookups=(2, 4))
+    assert record["tree"] == [] and record["lookup"] == 4 and record["num_nodes"] == 1
+    assert record["rejected"]["measured"]["tokens_per_s"] == 40.0
+    record = tune_tree.tune(params, [[1, 2]], sizes=(0, 4))  # no chains asked for: plain and the tree only
+    assert seen[-1] == [(0, 0), (4, 0)] and record["lookup"] == 0
 
 
 def test_sizes_take_turns_and_keep_their_best_round(monkeypatch):

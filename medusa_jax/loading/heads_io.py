@@ -9,7 +9,8 @@ Heads and layers are counted from the weights: the configs published with the or
 (the original repeated one module); importing gives every layer its own copy.
 
 A heads directory holds `medusa_lm_head.safetensors` (or `.pt`), `heads_config.json` (informational) and optionally
-`tree.json` = {"tree": [[0], [0, 0], ...]}, the default draft tree for these heads.
+`tree.json` = {"tree": [[0], [0, 0], ...], "lookup": L}, the default draft tree for these heads and the length of its
+lookup chain (optional; 0 when absent).
 """
 
 from __future__ import annotations
@@ -72,6 +73,22 @@ def read_tree(path: Path, num_heads: int) -> tuple | None:
         raise MedusaError(f"{path}: tree path {list(bad[0])} is empty, negative, or deeper than the {num_heads} "
                           "heads; fix tree.json")
     return paths
+
+
+def read_lookup(path: Path) -> int:
+    """The optional "lookup" entry of `tree.json` (0 when the file or the entry is absent)."""
+    if not path.is_file():
+        return 0
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("lookup", 0)
+    except (OSError, ValueError, AttributeError) as e:
+        raise MedusaError(f"{path}: not readable JSON ({type(e).__name__}: {e}); fix or delete tree.json") from None
+    from medusa_jax.tree import MAX_LOOKUP
+
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOOKUP:
+        raise MedusaError(f"{path}: \"lookup\" must be an integer from 0 to {MAX_LOOKUP}, got {value!r}; fix "
+                          "tree.json")
+    return value
 
 
 def state_to_heads(state: Mapping[str, np.ndarray], config: LlamaConfig, where: str) -> tuple[dict, HeadsConfig]:
@@ -145,7 +162,7 @@ def heads_to_state(heads: Mapping[str, Any], heads_config: HeadsConfig) -> dict[
 
 def save_heads(bundle_or_params: Any, heads_config: HeadsConfig | None = None,
                out_dir: str | os.PathLike = ".", *, base_config: LlamaConfig | None = None,
-               tree: tuple | None = None) -> Path:
+               tree: tuple | None = None, lookup: int | None = None) -> Path:
     """Writes `medusa_lm_head.safetensors` + `heads_config.json` (+ `tree.json`) to `out_dir`.
 
     Args:
@@ -154,6 +171,7 @@ def save_heads(bundle_or_params: Any, heads_config: HeadsConfig | None = None,
       out_dir: directory to create or fill.
       base_config: the base model's config (taken from the bundle when given one), for heads_config.json.
       tree: default draft tree paths to ship as tree.json (defaults to the bundle's tree).
+      lookup: the lookup chain to ship with it (defaults to the bundle's).
     Returns:
       out_dir as a Path.
     """
@@ -168,10 +186,13 @@ def save_heads(bundle_or_params: Any, heads_config: HeadsConfig | None = None,
         heads_config = heads_config or bundle_or_params.heads_config
         base_config = base_config or bundle_or_params.config
         tree = tree if tree is not None else bundle_or_params.tree
+        lookup = lookup if lookup is not None else bundle_or_params.lookup
     else:
         heads = bundle_or_params
     if heads_config is None:
         raise MedusaError("save_heads: pass heads_config together with a head params dict")
+    if lookup and tree is None:
+        raise MedusaError("save_heads: a lookup chain is saved in tree.json beside a tree; pass tree=PATHS too")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(heads_to_state(heads, heads_config), str(out / HEAD_FILES[0]), metadata={"format": "pt"})
@@ -186,5 +207,5 @@ def save_heads(bundle_or_params: Any, heads_config: HeadsConfig | None = None,
         json.dump(info, f, indent=2)
     if tree is not None:
         with open(out / "tree.json", "w", encoding="utf-8") as f:
-            json.dump({"tree": [list(p) for p in tree]}, f)
+            json.dump({"tree": [list(p) for p in tree], **({"lookup": int(lookup)} if lookup else {})}, f)
     return out
