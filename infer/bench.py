@@ -299,6 +299,7 @@ def bench(args: argparse.Namespace) -> dict:
         "model": bundle.source, "config": bundle.config.name,
         "heads": dataclasses.asdict(bundle.heads_config) if bundle.heads_config else None,
         "questions": str(args.questions or DEFAULT_QUESTIONS), "num_questions": len(questions),
+        "question_ids": [q.question_id for q in questions],
         "max_new_tokens": args.max_new_tokens, "prefix_cache": not args.no_prefix_cache, "rows": rows,
         "notes": notes, "trees": trees,
         "category_speedup": bench_report.category_speedup(rows), "head_accuracy": accuracy,

@@ -38,6 +38,7 @@ from flax import struct
 from infer import acceptance, lookup, sampling
 from infer.state import DecodeOutput, DecodeSpec, DecodeState
 from medusa_jax import model
+from medusa_jax.tree import TreeBuffers, without_lookup
 
 Array = jax.Array
 
@@ -54,13 +55,14 @@ def _cache_index(start: Array) -> Array:
     return start[0] if start.shape[0] == 1 else start
 
 
-def tree_mask(spec: DecodeSpec, start: Array) -> Array:
-    """bool [B, N, S]: node i sees slots < start (the cached prefix) and the tree slots of its ancestors and
-    itself (slot start + j for attn_mask[i, j]). Requires start + N <= S."""
-    n, s = spec.tree.num_nodes, spec.cache_len
+def tree_mask(spec: DecodeSpec, start: Array, tree: TreeBuffers | None = None) -> Array:
+    """bool [B, N, S]: node i of `tree` (default `spec.tree`) sees slots < start (the cached prefix) and the tree
+    slots of its ancestors and itself (slot start + j for attn_mask[i, j]). Requires start + N <= S."""
+    tree = spec.tree if tree is None else tree
+    n, s = tree.num_nodes, spec.cache_len
     prefix = jnp.arange(s)[None, :] < start[:, None]  # [B, S]
     full = jnp.broadcast_to(prefix[:, None, :], (start.shape[0], n, s))
-    block = jnp.asarray(spec.tree.attn_mask)  # [N, N]
+    block = jnp.asarray(tree.attn_mask)  # [N, N]
     return jax.vmap(lambda m, i: jax.lax.dynamic_update_slice(m, block, (0, i)))(full, start)
 
 
@@ -99,12 +101,12 @@ def _drafts(spec: DecodeSpec, base, heads, hidden: Array) -> Array:
     return _top(spec, model.head_logits(used, spec.config, base, sliced, hidden))  # logits [B, Kd, V]
 
 
-def _fuse_heads(spec: DecodeSpec, batch: int) -> bool:
-    """Whether `step` gets the base logits at its N nodes and the heads' logits at all of them (it keeps the
-    accepted node's) from one pass over the shared output projection rather than two: the heads' rows wait for
-    acceptance otherwise, and each pass reads the whole [H, V] matrix. Pays while the N * Kd extra rows are
+def _fuse_heads(spec: DecodeSpec, batch: int, n: int) -> bool:
+    """Whether a step over n nodes gets the base logits at its nodes and the heads' logits at all of them (it keeps
+    the accepted node's) from one pass over the shared output projection rather than two: the heads' rows wait
+    for acceptance otherwise, and each pass reads the whole [H, V] matrix. Pays while the n * Kd extra rows are
     nearly free, i.e. for small trees (`DecodeSpec.fused_head_rows`)."""
-    kd, n = spec.num_heads_used, spec.tree.num_nodes
+    kd = spec.num_heads_used
     return kd > 0 and spec.heads_config.projection == "shared" and batch * n * (1 + kd) <= spec.fused_head_rows
 
 
@@ -218,29 +220,49 @@ def prefill(spec: DecodeSpec, base, heads, prompt: Array, prompt_len: Array, cac
 
 def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, temperature: Array,
          top_p: Array) -> DecodeState:
-    """One tree verification: compact the previous path, forward N nodes, accept, emit a + 1 tokens."""
-    tree, s = spec.tree, spec.cache_len
+    """One tree verification: compact the previous path, forward N nodes, accept, emit a + 1 tokens.
+
+    A tree with a lookup chain runs it only when the context holds a match for some running row; otherwise the
+    step verifies the tree without the chain (`tree.without_lookup`; for a chain alone, a plain one-token step):
+    a match-less chain repeats the root, which is almost never right, and its nodes cost the forward rows. The
+    choice depends on the context alone, so greedy output and the sampled distribution stay exact."""
+    if not spec.tree.lookup:
+        return _verify(spec, spec.tree, base, heads, st, max_new, temperature, top_p, None)
+    found = lookup.match(st.history, st.length)  # ([B], [B])
+    chain = lookup.drafts(st.history, st.length, spec.tree.lookup, found=found)  # [B, L]
+    return jax.lax.cond(
+        jnp.any((found[1] > 0) & ~st.done),
+        lambda: _verify(spec, spec.tree, base, heads, st, max_new, temperature, top_p, chain),
+        lambda: _verify(spec, without_lookup(spec.tree), base, heads, st, max_new, temperature, top_p, None))
+
+
+def _verify(spec: DecodeSpec, tree: TreeBuffers, base, heads, st: DecodeState, max_new: Array,
+            temperature: Array, top_p: Array, chain: Array | None) -> DecodeState:
+    """`step` over `tree`: `spec.tree`, or `spec.tree` without its lookup chain (same heads, depth <= D), whose
+    path and chunk are padded to the state's D + 1. `chain`: the lookup drafts [B, L] when `tree` has them."""
+    s, d = spec.cache_len, spec.tree.max_depth
     b, n = st.root.shape[0], tree.num_nodes
     rows = jnp.arange(b)
     rng, key = jax.random.split(st.rng)
-    # Finished sequences still run (static shapes); clamp their slot so nothing is written past the cache.
-    start = jnp.minimum(st.length, s - n)  # [B]
+    # Finished sequences still run (static shapes); clamp their slot so nothing is written past the cache (for
+    # the largest tree, so that either tree of a lookup step leaves the same room).
+    start = jnp.minimum(st.length, s - spec.tree.num_nodes)  # [B]
     cache = st.cache
-    if tree.max_depth > 0:
+    if d > 0:
         # Destination of the previous path: its root slot (the previous start; for a finished sequence a
         # harmless in-range rewrite of its own stale slots).
         cache = _compact(cache, st.path_slots[:, 0], st.path_slots)
     candidates = [st.root[:, None], st.drafts.reshape(b, -1)]  # [B, 1], [B, Kd*k]
     if tree.lookup:
-        candidates.append(lookup.drafts(st.history, st.length, tree.lookup))  # [B, L]
+        candidates.append(chain)  # [B, L]
     tokens = jnp.concatenate(candidates, axis=1)[:, tree.candidate_index]  # [B, N]
     positions = start[:, None] + jnp.asarray(tree.depth)[None, :]
     # Attention reads only the live part of the cache: no node of an unfinished row sees a slot at or beyond
     # max(start) + N. Finished rows (whose outputs are discarded) do not widen the window.
     window = jnp.max(jnp.where(st.done, 0, start)) + n if spec.live_window else None
-    hidden, cache = model.forward(spec.config, base, tokens, positions, tree_mask(spec, start), cache,
+    hidden, cache = model.forward(spec.config, base, tokens, positions, tree_mask(spec, start, tree), cache,
                                   _cache_index(start), window=window)
-    fused = _fuse_heads(spec, b)
+    fused = _fuse_heads(spec, b, n)
     if fused:
         used, sliced = _used_heads(spec, heads)
         states = model.head_states(used, spec.config, sliced, hidden)  # [B, N, Kd, H]
@@ -260,19 +282,24 @@ def step(spec: DecodeSpec, base, heads, st: DecodeState, max_new: Array, tempera
 
     # chunk[j] = the accepted draft at depth j + 1 for j < a, then the bonus token at j = a.
     j = jnp.arange(tree.max_depth + 1)[None, :]
-    path_tokens = jnp.take_along_axis(tokens, acc.nodes, axis=1)  # [B, D+1]
+    path_tokens = jnp.take_along_axis(tokens, acc.nodes, axis=1)  # [B, D'+1]
     chunk = jnp.where(j == acc.length[:, None], acc.next_token[:, None], jnp.roll(path_tokens, -1, axis=1))
+    # A tree shallower than the state's (no chain this step): pad to D + 1. The padding lies past the accepted
+    # path: its slots (the root's, copied) and tokens are stale, as the unaccepted entries of a full path are.
+    nodes = jnp.pad(acc.nodes, ((0, 0), (0, d - tree.max_depth)))  # [B, D+1]
+    chunk = jnp.pad(chunk, ((0, 0), (0, d - tree.max_depth)))
     count = acc.length + 1
     out, num_new, finished = _record(spec, st, chunk, count, max_new)
 
     active = ~st.done
-    history = lookup.record(st.history, chunk, st.length) if tree.lookup else st.history
+    history = lookup.record(st.history, chunk, st.length) if spec.tree.lookup else st.history
     length = jnp.where(active, st.length + count, st.length)
-    done = st.done | finished | (active & (length + n > s))  # no room for the next tree: stop before writing
+    # No room for the next step's (largest) tree: stop before writing.
+    done = st.done | finished | (active & (length + spec.tree.num_nodes > s))
     keep = lambda new, old: jnp.where(active.reshape((b,) + (1,) * (new.ndim - 1)), new, old)
     return st.replace(
         cache=cache, length=length, root=keep(acc.next_token, st.root), drafts=keep(drafts, st.drafts),
-        path_slots=keep(start[:, None] + acc.nodes, st.path_slots), history=keep(history, st.history),
+        path_slots=keep(start[:, None] + nodes, st.path_slots), history=keep(history, st.history),
         tokens=out, num_new=num_new, done=done, step=st.step + 1, steps=st.steps + active.astype(jnp.int32),
         accepted=st.accepted.at[:, st.step].set(jnp.where(active, acc.length, -1)),
         proposed=st.proposed.at[:, st.step].set(jnp.where(active, acc.proposed, -1)), rng=rng)

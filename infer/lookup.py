@@ -10,8 +10,9 @@ are a function of the context alone, like the heads' top-k).
 The match: at each step, the latest position e < r (r = the root's position) where the context's last n tokens
 (ending at the root) occur, preferring the longest n up to `MAX_NGRAM`, then the latest e; the drafts are the
 tokens at e + 1, e + 2, ... When e + i would pass the root (the context ends in a repeating pattern of period
-r - e), the pattern continues periodically. Without any match the drafts repeat the root (verified as any
-others; they only cost their share of the forward).
+r - e), the pattern continues periodically. Without any match the drafts repeat the root; the decoder then runs
+the step without the chain (`infer.decode.step`): on MT-Bench such drafts were almost never right, and each
+node of a CPU step costs about 9% of a one-token step (BENCHMARKS.md, "Lookup drafts").
 
 Everything is [B, W] vector work over the history buffer (W = cache slots + slack, a few thousand at most):
 negligible next to the forward.
@@ -49,11 +50,11 @@ def record(history: Array, chunk: Array, root_pos: Array) -> Array:
     return jax.vmap(lambda h, c, i: jax.lax.dynamic_update_slice(h, c, (i,)))(history, chunk, root_pos + 1)
 
 
-def drafts(history: Array, root_pos: Array, length: int, max_ngram: int = MAX_NGRAM) -> Array:
-    """The lookup branch's `length` tokens for each row: int32 [B, length] (module docstring).
+def match(history: Array, root_pos: Array, max_ngram: int = MAX_NGRAM) -> tuple[Array, Array]:
+    """The match the drafts continue (module docstring): (end e, int32 [B]; its length n, int32 [B], 0 = none).
 
     Args:
-      history: int32 [B, W]; tokens by position (the prompt, then every emitted token); valid up to root_pos.
+      history: int32 [B, W]; tokens by position (the prompt, then every emitted token); read only up to root_pos.
       root_pos: int32 [B]; the position of the root (the last emitted token), < W.
     """
     b, w = history.shape
@@ -68,7 +69,16 @@ def drafts(history: Array, root_pos: Array, length: int, max_ngram: int = MAX_NG
         run = run + matching.astype(jnp.int32)
     score = jnp.where((e < root_pos[:, None]) & (run > 0), run * w + e, -1)  # longest first, then latest
     best = jnp.argmax(score, axis=1)  # [B]
-    found = jnp.max(score, axis=1) >= 0
+    return best.astype(jnp.int32), jnp.where(jnp.max(score, axis=1) >= 0, run[rows, best], 0)
+
+
+def drafts(history: Array, root_pos: Array, length: int, max_ngram: int = MAX_NGRAM,
+           found: tuple[Array, Array] | None = None) -> Array:
+    """The lookup branch's `length` tokens for each row: int32 [B, length] (module docstring; arguments as
+    `match`, whose result `found` may pass in)."""
+    best, n = match(history, root_pos, max_ngram) if found is None else found
+    rows = jnp.arange(history.shape[0])
+    found = n > 0
     period = jnp.maximum(root_pos - best, 1)
     at = best[:, None] + 1 + jnp.arange(length)[None, :] % period[:, None]  # [B, length]; <= root_pos
     out = jnp.take_along_axis(history, at, axis=1)

@@ -155,7 +155,7 @@ def measure_speeds(params: Bundle, prompts: list[list[int]], variants: Sequence[
 def tune(params: Bundle, prompts: list[list[int]], *, sizes: Sequence[int] | None = None,
          max_new_tokens: int = 128, ranks: int = 10, rounds: int = 3, lookups: Sequence[int] = (0,)) -> dict:
     """Runs the whole method; returns the record saved as tree.json. `sizes`: default `default_sizes()`.
-    `rounds`: passes over all sizes when timing steps, the best of them kept for each size. `lookups`: lookup
+    `rounds`: passes over all sizes when timing steps, the median of them kept for each size. `lookups`: lookup
     chains decoded end to end with the best drafting tree and alone (0, none, always)."""
     num_heads = params.heads_config.num_heads
     sizes = tuple(sizes) if sizes is not None else default_sizes()
@@ -164,14 +164,17 @@ def tune(params: Bundle, prompts: list[list[int]], *, sizes: Sequence[int] | Non
     accuracy, count = head_accuracy(params, prompts, max_new_tokens=max_new_tokens, ranks=ranks)
     trees = grow_tree_sequence(accuracy, max(sizes))
     # Sizes take turns, round after round (each round's first pass compiles), so a drift of a shared machine's
-    # speed bends the whole curve alike instead of the sizes measured while it lasted.
-    step_s = {n: float("inf") for n in sizes}
+    # speed bends the whole curve alike instead of the sizes measured while it lasted. Each size keeps its median
+    # round: a step time is a difference of two wall times, which a slow spell in the shorter run throws low (a
+    # 1-node step once read 4.2 ms against 12-24 ms in every other run) as surely as one in the longer run
+    # throws it high, so the fastest round is no safer than the slowest.
+    times: dict[int, list[float]] = {n: [] for n in sizes}
     with tqdm(total=rounds * len(sizes), desc="step time vs tree nodes", unit="tree") as bar:
         for r in range(rounds):
             for n in sizes:
-                t = step_time(params, trees[n - 1] if n else [], prompts[0], repeats=1, warm_up=r == 0)
-                step_s[n] = min(step_s[n], t)
+                times[n].append(step_time(params, trees[n - 1] if n else [], prompts[0], repeats=1, warm_up=r == 0))
                 bar.update()
+    step_s = {n: float(np.median(t)) for n, t in times.items()}
     predicted, _, rows = choose_tree(accuracy, step_s, max(sizes))
     # The step-time curve comes from short differenced runs with a short cache, which a noisy machine can bend
     # and which leave out what whole answers also pay (and the lookup chain's acceptance, which depends on the
@@ -227,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="tree sizes (draft nodes) whose step time is measured; others are interpolated (default "
                     f"{','.join(map(str, CPU_SIZES))} on a CPU, up to {ACCELERATOR_SIZES[-1]} on an accelerator)")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="passes over all sizes when timing steps; the best per size is kept (default 3)")
+                    help="passes over all sizes when timing steps; the median per size is kept (default 3)")
     ap.add_argument("--lookup", default=",".join(map(str, DEFAULT_LOOKUPS)),
                     help="lookup chains (draft tokens copied from the context) decoded end to end with the best "
                     f"tree and alone; 0 = none, always measured (default {','.join(map(str, DEFAULT_LOOKUPS))})")

@@ -15,6 +15,7 @@ tokens (`infer.lookup`). Its nodes come after the heads' nodes; verification tre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
 import json
@@ -255,6 +256,14 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 MAX_LOOKUP = 16  # longest lookup chain `build_tree` accepts
+
+
+@functools.lru_cache(maxsize=64)
+def without_lookup(tree: TreeBuffers) -> TreeBuffers:
+    """The same tree without its lookup chain (the root alone for a chain alone): what a step runs when the
+    context offers the chain nothing to copy."""
+    return build_tree(list(tree.choices), num_heads=tree.num_heads if tree.choices else 0,
+                      topk=tree.topk if tree.choices else 1)
 
 
 def build_tree(spec: TreeSpec, num_heads: int, topk: int = DEFAULT_TOPK, lookup: int = 0) -> TreeBuffers:

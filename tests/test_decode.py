@@ -243,7 +243,7 @@ def test_one_projection_pass_for_base_and_heads_decodes_the_same(monkeypatch, mo
     for rows in (16, 0):  # one pass (up to 16 rows: every case here), then two
         monkeypatch.setattr(state, "FUSED_HEAD_ROWS", rows)
         spec = make_plan(rand(), prompts, MAX_NEW, temperature, 1.0, mode, tree, (), None, 0.09, 0.3, None).spec
-        assert decode._fuse_heads(spec, batch) == (rows > 0)
+        assert decode._fuse_heads(spec, batch, spec.tree.num_nodes) == (rows > 0)
         runs.append(generate_ids(rand(), prompts, **kw))
     fused, twice = runs
     assert fused.tokens == twice.tokens and (fused.accepted == twice.accepted).all()

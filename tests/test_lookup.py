@@ -196,3 +196,64 @@ def test_tree_json_carries_the_lookup_chain(tmp_path):
     (tmp_path / "tree.json").write_text(json.dumps({"tree": [[0]], "lookup": 99}))
     with pytest.raises(MedusaError, match='"lookup" must be an integer'):
         attach_heads(bundle, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ replay
+
+
+def test_match_length_is_the_rule_s_n():
+    """`lookup.match` reports the n of the rule (0 without any match)."""
+    history = jnp.asarray([[1, 2, 3, 9, 2, 3, 0, 0], [4, 5, 6, 7, 0, 0, 0, 0]], jnp.int32)
+    end, n = lookup.match(history, jnp.asarray([5, 3], jnp.int32))
+    assert end.tolist()[0] == 2 and n.tolist() == [2, 0]  # "2 3" ends at 2; row 1's 7 never occurred before
+
+
+def test_replay_walks_a_periodic_answer():
+    from bench.lookup_replay import replay
+
+    # The first root (1) matches the prompt's 1: drafts 2 3 4, all confirmed; the next root (the second 1)
+    # matches "3 4 1" and its drafts 2 3 4 are confirmed too; the last token, 5, needs no step.
+    r = replay([([1, 2, 3, 4], [1, 2, 3, 4, 1, 2, 3, 4, 5])], length=3, max_ngram=3)
+    assert (r["steps"], r["tokens"]) == (2, 8) and r["by_match"] == {1: [1, 3], 3: [1, 3]}
+    # The answer stops after the second step's drafts: its bonus token is not emitted.
+    r = replay([([1, 2, 3, 4], [1, 2, 3, 4, 1, 2, 3, 4])], length=3, max_ngram=3)
+    assert (r["steps"], r["tokens"]) == (2, 7)
+
+
+@pytest.mark.parametrize("chain", [2, 4])
+def test_replay_counts_the_decoder_s_steps(chain):
+    """The replay of greedy answers counts exactly the steps the decoder ran with the chain alone."""
+    from bench.lookup_replay import replay
+
+    for p in (LOOPY, [3, 9, 4, 9, 3, 9, 4], list(range(3, 23))):  # one at a time: a batch gates its steps together
+        out = generate_ids(rand().with_heads(None, None), [p], max_new_tokens=MAX_NEW, tree="ar", lookup=chain,
+                           stop_ids=())
+        ran = out.accepted[0][out.accepted[0] >= 0]
+        r = replay([(p, out.tokens[0])], length=chain, max_ngram=lookup.MAX_NGRAM)
+        assert (r["steps"], r["tokens"]) == (len(ran), len(out.tokens[0]) - 1)  # the first token is the prefill's
+        assert r["by_match"].get(0, [0, 0])[1] == 0  # a step without a match runs without the chain
+
+
+@pytest.mark.parametrize("which, tree", [("rand", "ar"), ("rand", [[0], [1], [0, 0]]), ("oracle", "chain:2")])
+def test_steps_without_a_match_run_without_the_chain(which, tree):
+    """A context with fresh tokens leaves the chain without a match at some steps: those steps verify the tree
+    without the chain (a plain step for a chain alone: nothing proposed), the others with it, and the output is
+    still plain greedy decoding."""
+    prompt = list(range(3, 23))  # 20 distinct tokens: the first roots are often new
+    bundle = shared_bundle(which)
+    if tree == "ar":
+        bundle = bundle.with_heads(None, None)
+    out = generate_ids(bundle, [prompt], max_new_tokens=MAX_NEW, tree=tree, lookup=3, stop_ids=())
+    assert out.tokens[0] == greedy_reference(which, tuple(prompt), MAX_NEW)
+    if tree == "ar":  # a step with the chain proposes its tokens, a plain one none: both kinds ran
+        ran = out.proposed[0][out.proposed[0] >= 0]
+        assert (ran == 0).any() and (ran > 0).any()
+
+
+def test_replay_without_a_bench_file_is_one_line(tmp_path, capsys):
+    from bench import lookup_replay
+
+    with pytest.raises(SystemExit) as e:
+        lookup_replay.main(["--bench", str(tmp_path / "missing.json")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "no such file; run python -m infer.bench first" in err and "\n" not in err
