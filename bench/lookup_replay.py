@@ -49,8 +49,9 @@ def per_position(sequence: Sequence[int], start: int, length: int, max_ngram: in
     history = np.full((len(roots), width), -1, np.int32)  # every row: the whole sequence (drafts read <= root)
     history[:, :len(seq)] = seq
     h, r = jnp.asarray(history), jnp.asarray(roots)
-    drafted = np.asarray(lookup.drafts(h, r, length, max_ngram))  # [R, L]
-    _, n = lookup.match(h, r, max_ngram)
+    found = lookup.match(h, r, max_ngram)
+    drafted = np.asarray(lookup.drafts(h, r, length, max_ngram, found=found))  # [R, L]
+    n = found[1]
     truth = np.take_along_axis(history, roots[:, None] + 1 + np.arange(length)[None, :], axis=1)  # [R, L]
     confirmed = np.cumprod(drafted == truth, axis=1).sum(axis=1)
     return confirmed, np.asarray(n)
@@ -90,8 +91,7 @@ def replay(answers: list[tuple[list[int], list[int]]], length: int, max_ngram: i
 
 def recorded_answers(record: dict, tokenizer) -> list[tuple[list[int], list[int]]]:
     """The ar row's (prompt ids, answer ids) for every turn of a bench.json, prompts rebuilt as the bench did."""
-    from infer.bench import _messages, read_questions
-    from medusa_jax import chat
+    from infer.bench import read_questions, turn_prompt
 
     ids = record.get("question_ids")
     questions = read_questions(record["questions"], None)
@@ -108,7 +108,7 @@ def recorded_answers(record: dict, tokenizer) -> list[tuple[list[int], list[int]
     for q, turns in zip(questions, record["outputs"]["ar"]):
         texts = [t["text"] for t in turns]
         for turn, rec in enumerate(turns):
-            pairs.append((chat.render_prompt(tokenizer, _messages(q, texts, turn)), rec["tokens"]))
+            pairs.append((turn_prompt(tokenizer, q, texts, turn), rec["tokens"]))
     return pairs
 
 

@@ -103,13 +103,14 @@ def read_questions(path: str | Path | None, limit: int | None, per_category: int
 # ------------------------------------------------------------------------------------------------ running
 
 
-def _messages(question: Question, answers: list[str], turn: int) -> list[dict]:
+def turn_prompt(tokenizer, question: Question, answers: list[str], turn: int) -> list[int]:
+    """Token ids of `question`'s turn `turn` (0-based), after its earlier turns and their `answers`."""
     msgs = []
     for i in range(turn + 1):
         msgs.append({"role": "user", "content": question.turns[i]})
         if i < turn:
             msgs.append({"role": "assistant", "content": answers[i]})
-    return msgs
+    return chat.render_prompt(tokenizer, msgs)
 
 
 def _answer_text(tokenizer, ids: list[int], stops: tuple[int, ...]) -> str:
@@ -142,7 +143,7 @@ def run_question(bundle: Bundle, method: Method, paths: list, question: Question
     answers: list[str] = []
     records = []
     for turn in range(len(question.turns)):
-        prompt = chat.render_prompt(bundle.tokenizer, _messages(question, answers, turn))
+        prompt = turn_prompt(bundle.tokenizer, question, answers, turn)
         if method.mode == "hf":
             rec = bench_hf.run_hf(hf_model, prompt, max_new, stops, prefix_cache=reuse)
         else:

@@ -20,7 +20,7 @@ from medusa_jax import model
 from medusa_jax.bundle import Bundle
 from medusa_jax.config import HeadsConfig
 from medusa_jax.errors import MedusaError
-from medusa_jax.tree import MAX_LOOKUP, tree_option
+from medusa_jax.tree import check_lookup, tree_option
 
 ALL_METHODS = ("hf", "ar", "medusa", "medusa-k3", "medusa-k4", "medusa-k5", "typical-t0.7", "sample-t0.7")
 MAX_K = 8  # medusa-kK for K in 1..MAX_K
@@ -73,10 +73,7 @@ def parse_method(name: str) -> Method:
 
 
 def _lookup_length(name: str, digits: str) -> int:
-    if not digits.isdigit() or int(digits) > MAX_LOOKUP:
-        raise MedusaError(f"method {name!r}: the lookup length must be an integer from 0 to {MAX_LOOKUP} "
-                          f"(e.g. lookup4, medusa+lookup2)")
-    return int(digits)
+    return check_lookup(int(digits) if digits.isdigit() else digits, f"method {name!r}: the lookup length")
 
 
 def tiny_bundle(num_heads: int = 5, seed: int = 0, perturb: float = 0.02) -> Bundle:

@@ -13,7 +13,7 @@ import sys
 
 from infer.api import generate
 from medusa_jax.errors import MedusaError, cli_errors
-from medusa_jax.tree import MAX_LOOKUP, tree_option
+from medusa_jax.tree import check_lookup, tree_option
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,8 +45,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise MedusaError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.mode == "greedy" and args.temperature != 0:
         raise MedusaError(f"--mode greedy is for --temperature 0, got {args.temperature}; use --mode sample or typical")
-    if args.lookup is not None and not 0 <= args.lookup <= MAX_LOOKUP:
-        raise MedusaError(f"--lookup {args.lookup} must be in [0, {MAX_LOOKUP}] (0 = no lookup drafts)")
+    if args.lookup is not None:
+        check_lookup(args.lookup, "--lookup")
     args.tree = tree_option(args.tree)  # parsed once, before the model loads
 
 

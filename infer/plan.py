@@ -19,7 +19,7 @@ from infer.state import DecodeSpec
 from medusa_jax import chat, model, panels
 from medusa_jax.bundle import Bundle
 from medusa_jax.errors import MedusaError
-from medusa_jax.tree import MAX_LOOKUP, TreeBuffers, build_tree, resolve_tree
+from medusa_jax.tree import TreeBuffers, build_tree, check_lookup, resolve_tree
 
 # A small tree (9 nodes) for CPU, where a forward of 8 tokens costs about twice one token: the top-3 of head 0;
 # under its rank 0 the top-2 of head 1, under rank 1 the top-1; then a chain on the best path to depth 4. Cut to
@@ -71,12 +71,7 @@ def _check_heads(params: Bundle) -> None:
 
 def _resolve_lookup(params: Bundle, lookup: int | None) -> int:
     """The lookup chain a call drafts: `lookup`, else the bundle's tuned one (`Bundle.lookup`)."""
-    if lookup is None:
-        return params.lookup
-    if isinstance(lookup, bool) or not isinstance(lookup, (int, np.integer)) or not 0 <= lookup <= MAX_LOOKUP:
-        raise MedusaError(f"lookup must be an integer from 0 to {MAX_LOOKUP} (draft tokens copied from the context "
-                          f"per step; 0 for none), got {lookup!r}")
-    return int(lookup)
+    return params.lookup if lookup is None else check_lookup(lookup)
 
 
 def _resolve_mode(params: Bundle, mode: str | None, temperature: float, lookup: int = 0) -> str:

@@ -36,7 +36,7 @@ from infer.heads_eval import head_accuracy, topk_table
 from medusa_jax import chat
 from medusa_jax.bundle import Bundle
 from medusa_jax.errors import MedusaError, cli_errors, int_list
-from medusa_jax.tree import MAX_LOOKUP, expected_accept_length, grow_tree_sequence
+from medusa_jax.tree import check_lookup, expected_accept_length, grow_tree_sequence
 
 # Held-out tuning prompts, written for this purpose (never used for training; MT-Bench is kept for evaluation).
 TUNING_PROMPTS = (
@@ -166,7 +166,7 @@ def tune(params: Bundle, prompts: list[list[int]], *, sizes: Sequence[int] | Non
     # Sizes take turns, round after round (each round's first pass compiles), so a drift of a shared machine's
     # speed bends the whole curve alike instead of the sizes measured while it lasted. Each size keeps its median
     # round: a step time is a difference of two wall times, which a slow spell in the shorter run throws low (a
-    # 1-node step once read 4.2 ms against 12-24 ms in every other run) as surely as one in the longer run
+    # 1-node step once read 4.2 ms, and 15.0 ms in the next run) as surely as one in the longer run
     # throws it high, so the fastest round is no safer than the slowest.
     times: dict[int, list[float]] = {n: [] for n in sizes}
     with tqdm(total=rounds * len(sizes), desc="step time vs tree nodes", unit="tree") as bar:
@@ -243,9 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sizes = sorted(set(default_sizes() if args.sizes is None else int_list(args.sizes, "--sizes", 0)) | {0})
         if min(args.num_prompts, args.max_new_tokens, args.rounds) < 1:
             raise MedusaError("--num-prompts, --max-new-tokens and --rounds must be at least 1")
-        lookups = int_list(args.lookup, "--lookup", 0)
-        if max(lookups, default=0) > MAX_LOOKUP:
-            raise MedusaError(f"--lookup: chains are at most {MAX_LOOKUP} tokens long, got {max(lookups)}")
+        lookups = [check_lookup(c, "--lookup") for c in int_list(args.lookup, "--lookup", 0)]
         params = load(args.model, heads=args.heads)
         if params.heads is None:
             raise MedusaError("the model has no Medusa heads to tune a tree for; pass --heads PATH")

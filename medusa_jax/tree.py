@@ -258,6 +258,15 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 MAX_LOOKUP = 16  # longest lookup chain `build_tree` accepts
 
 
+def check_lookup(value: object, name: str = "lookup") -> int:
+    """A lookup chain length (`build_tree(lookup=...)`) as an int; a one-line `TreeError` naming `name` (the
+    argument, option or file entry it came from) otherwise."""
+    if not _is_int(value) or not 0 <= value <= MAX_LOOKUP:
+        raise TreeError(f"{name} must be an integer from 0 to {MAX_LOOKUP} (draft tokens copied from the context "
+                        f"per step; 0 for none), got {value!r}")
+    return int(value)
+
+
 @functools.lru_cache(maxsize=64)
 def without_lookup(tree: TreeBuffers) -> TreeBuffers:
     """The same tree without its lookup chain (the root alone for a chain alone): what a step runs when the
@@ -271,10 +280,7 @@ def build_tree(spec: TreeSpec, num_heads: int, topk: int = DEFAULT_TOPK, lookup:
     plus a lookup chain of `lookup` nodes under the root (0: none; see the module docstring)."""
     if num_heads < 0:
         raise TreeError(f"num_heads must be >= 0, got {num_heads}")
-    if not _is_int(lookup) or not 0 <= lookup <= MAX_LOOKUP:
-        raise TreeError(f"lookup must be an integer from 0 to {MAX_LOOKUP} (draft tokens copied from the context), "
-                        f"got {lookup!r}")
-    lookup = int(lookup)
+    lookup = check_lookup(lookup)
     paths = resolve_tree(spec)
     validate_tree(paths, num_heads=num_heads, topk=topk)
     choices = tuple(sorted(paths, key=lambda p: (len(p), p)))

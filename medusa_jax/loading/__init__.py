@@ -113,8 +113,7 @@ def load(source: str | os.PathLike | None = None, *, heads: str | os.PathLike | 
 def attach_heads(bundle: Bundle, path: str | os.PathLike) -> Bundle:
     """The bundle with the Medusa heads (and tree.json's tree and lookup chain, if any) from a heads directory or
     file, in its dtype."""
-    params, heads_config, tree = heads_io.read_heads(path, bundle.config)
-    lookup = heads_io.read_lookup(heads_io.find_head_file(path).parent / "tree.json")
+    params, heads_config, (tree, lookup) = heads_io.read_heads(path, bundle.config)
     return bundle.with_heads(_to_jax(params, bundle.dtype), heads_config, tree, lookup)
 
 

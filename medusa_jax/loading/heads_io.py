@@ -58,13 +58,15 @@ def _read_state(path: Path) -> dict[str, np.ndarray]:
         raise MedusaError(f"{path}: not a readable safetensors file ({e}); re-download it") from None
 
 
-def read_tree(path: Path, num_heads: int) -> tuple | None:
-    """Paths of `tree.json` as a tuple of tuples, or None when there is no such file."""
+def read_tree(path: Path, num_heads: int) -> tuple[tuple | None, int]:
+    """(paths of `tree.json` as a tuple of tuples, its lookup chain length), or (None, 0) without such a file."""
+    from medusa_jax.tree import check_lookup
+
     if not path.is_file():
-        return None
+        return None, 0
     try:
-        tree = json.loads(path.read_text(encoding="utf-8"))["tree"]
-        paths = tuple(tuple(int(c) for c in p) for p in tree)
+        record = json.loads(path.read_text(encoding="utf-8"))
+        paths = tuple(tuple(int(c) for c in p) for p in record["tree"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MedusaError(f"{path}: expected {{\"tree\": [[0], [0, 0], ...]}} ({type(e).__name__}: {e}); "
                           "fix or delete tree.json") from None
@@ -72,23 +74,7 @@ def read_tree(path: Path, num_heads: int) -> tuple | None:
     if bad:
         raise MedusaError(f"{path}: tree path {list(bad[0])} is empty, negative, or deeper than the {num_heads} "
                           "heads; fix tree.json")
-    return paths
-
-
-def read_lookup(path: Path) -> int:
-    """The optional "lookup" entry of `tree.json` (0 when the file or the entry is absent)."""
-    if not path.is_file():
-        return 0
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("lookup", 0)
-    except (OSError, ValueError, AttributeError) as e:
-        raise MedusaError(f"{path}: not readable JSON ({type(e).__name__}: {e}); fix or delete tree.json") from None
-    from medusa_jax.tree import MAX_LOOKUP
-
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOOKUP:
-        raise MedusaError(f"{path}: \"lookup\" must be an integer from 0 to {MAX_LOOKUP}, got {value!r}; fix "
-                          "tree.json")
-    return value
+    return paths, check_lookup(record.get("lookup", 0), f'{path}: "lookup"')
 
 
 def state_to_heads(state: Mapping[str, np.ndarray], config: LlamaConfig, where: str) -> tuple[dict, HeadsConfig]:
@@ -140,8 +126,9 @@ def state_to_heads(state: Mapping[str, np.ndarray], config: LlamaConfig, where: 
     return params, heads_config
 
 
-def read_heads(path: str | os.PathLike, config: LlamaConfig) -> tuple[dict, HeadsConfig, tuple | None]:
-    """(float32 numpy head params, HeadsConfig, tree paths or None) from a heads directory or head file."""
+def read_heads(path: str | os.PathLike, config: LlamaConfig) -> tuple[dict, HeadsConfig, tuple[tuple | None, int]]:
+    """(float32 numpy head params, HeadsConfig, (tree paths or None, lookup chain)) from a heads directory or head
+    file (`read_tree`)."""
     file = find_head_file(path)
     params, heads_config = state_to_heads(_read_state(file), config, str(file))
     return params, heads_config, read_tree(file.parent / "tree.json", heads_config.num_heads)
